@@ -1,0 +1,88 @@
+"""Where runs are recorded: the project's MLflow store, and a fast check that it can be reached."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri"]
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store named by a setting cannot be used; the message names the setting."""
+
+
+def project_root(bundle_root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the project's ``mlruns/`` store.
+
+    A bundle inside this repository (``<root>/bundles/<name>``) records into ``<root>/mlruns``; a bundle
+    elsewhere (e.g. unpacked by a collaborator) records into ``./mlruns`` of the working directory.
+    """
+    if bundle_root is not None:
+        candidate = Path(bundle_root).resolve().parent.parent
+        if (candidate / "mlruns").is_dir() and (candidate / "bundles").is_dir():
+            return candidate
+    return Path.cwd()
+
+
+def resolve_tracking_uri(bundle_root: str | os.PathLike | None = None, tracking_uri: str | None = None,
+                         check: bool = True) -> str:
+    """The tracking URI a run uses: ``MLFLOW_TRACKING_URI`` if set, else ``tracking_uri``, else the
+    project store ``sqlite:///<root>/mlruns/mlflow.db`` (artifacts beside it in ``mlruns/``).
+
+    MLflow gives the environment variable priority over a handler's URI; resolving it here makes the
+    recorded URI and the one actually used agree.
+
+    Args:
+        bundle_root: the bundle folder (to find the project root).
+        tracking_uri: an explicit URI from the config, used when the environment sets none.
+        check: verify the store can be reached now (see :func:`check_tracking_uri`).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    if not uri:
+        store = project_root(bundle_root) / "mlruns"
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(store / 'mlflow.db').as_posix()}"
+    if check:
+        check_tracking_uri(uri)
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming ``uri``, if the store cannot be used.
+
+    MLflow's HTTP client retries an unreachable server for minutes before it gives up, and a sqlite
+    store in an unwritable folder fails only at the first write, after training has started.
+
+    Raises:
+        TrackingError: with the URI, the problem, and how to change the setting.
+    """
+    hint = "set MLFLOW_TRACKING_URI (or the config's tracking_uri) to a reachable store"
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite"):
+        raise TrackingError(
+            f"MLflow tracking URI {uri!r} is a file store, which MLflow 3 no longer supports; "
+            f"use sqlite:///<abs path>/mlruns/mlflow.db. ({hint})"
+        )
+    if uri.startswith("sqlite:"):
+        path = Path(uri.split(":///", 1)[-1])
+        folder = path.parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow tracking URI {uri!r}: folder {folder} does not exist ({hint})")
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {uri!r}: folder {folder} is not writable ({hint})")
+        try:
+            sqlite3.connect(path, timeout=timeout).close()
+        except sqlite3.Error as e:
+            raise TrackingError(f"MLflow tracking URI {uri!r}: cannot open the database: {e} ({hint})") from e
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # a user-named tracking server only
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri!r} answered {resp.status} on /health ({hint})")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise TrackingError(f"MLflow tracking server {uri!r} cannot be reached: {e} ({hint})") from e

@@ -1,0 +1,92 @@
+"""Small factories and checks the bundle configs call, so that a config value (a string a user or
+Optuna sets on the command line) selects the optimizer and schedule, and bad values fail early with a
+message that names the setting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.handlers import ProgressBar
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_scheduler", "check_training_config", "LossProgressBar",
+           "count_parameters"]
+
+OPTIMIZERS = ("Adam", "AdamW", "RMSprop", "SGD")
+SCHEDULES = ("none", "cosine", "step", "exponential")
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """Build ``torch.optim.<name>``: ``Adam``, ``AdamW``, ``RMSprop`` or ``SGD`` (with momentum).
+
+    Example:
+        >>> opt = make_optimizer("SGD", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> type(opt).__name__, opt.defaults["momentum"]
+        ('SGD', 0.9)
+    """
+    key = {n.lower(): n for n in OPTIMIZERS}.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"optimizer={name!r} is not supported; choose one of {OPTIMIZERS}")
+    if lr <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {lr}")
+    if key in ("Adam", "AdamW"):
+        return getattr(torch.optim, key)(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    return getattr(torch.optim, key)(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int, step_size: int | None = None,
+                   gamma: float = 0.5) -> torch.optim.lr_scheduler.LRScheduler:
+    """Epoch-level learning-rate schedule: ``none`` (constant), ``cosine`` (to 1 % of the start over
+    ``max_epochs``), ``step`` (times ``gamma`` every ``step_size`` epochs, default max_epochs // 2;
+    the EDSR paper halves the rate at fixed intervals) or ``exponential`` (times ``gamma`` per epoch)."""
+    key = str(name).lower()
+    if key == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if key == "cosine":
+        base = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), eta_min=0.01 * base)
+    if key == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size or max(1, max_epochs // 2), gamma=gamma)
+    if key == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    raise ValueError(f"lr_schedule={name!r} is not supported; choose one of {SCHEDULES}")
+
+
+def check_training_config(scale: int, patch_size: int, batch_size: int, max_epochs: int, **_: Any) -> bool:
+    """Reject values that would fail later with an obscure message (called from ``initialize``)."""
+    if int(scale) not in (2, 3, 4):
+        raise ValueError(f"scale={scale}: supported in-plane factors are 2, 3 and 4")
+    if patch_size % scale:
+        raise ValueError(
+            f"patch_size={patch_size} is not divisible by scale={scale}: the HR patch must hold a whole number "
+            f"of LR pixels; use e.g. patch_size={patch_size - patch_size % scale}"
+        )
+    if batch_size < 1 or max_epochs < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_epochs ({max_epochs}) must be >= 1")
+    return True
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class LossProgressBar(ProgressBar):
+    """Ignite's tqdm ``ProgressBar`` showing the training loss; MONAI's handler lists call ``attach(engine)``
+    with the engine only, so the loss transform is bound here."""
+
+    def __init__(self, loss_key: str = "loss", **kwargs: Any):
+        kwargs.setdefault("persist", False)
+        super().__init__(**kwargs)
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        key = self.loss_key
+
+        def _loss(output: Any) -> dict[str, float]:
+            out = output[0] if isinstance(output, list) else output
+            return {key: float(out[key])}
+
+        super().attach(engine, output_transform=_loss)

@@ -1,0 +1,54 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real sample scans in ``<repo>/data/samples`` (downloaded once, then reused
+    while manifest.json and the NIfTI files match the pinned hashes)."""
+    from medsr_monai.data.samples import fetch_samples
+
+    return fetch_samples(REPO / "data" / "samples", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_datalist(sample_dir, tmp_path_factory) -> Path:
+    """A datalist.json of small real crops (64x64x6, affines kept) of every sample, with
+    the samples' subject split (training brain1/lung1/mni152, validation pydeface_mean,
+    test brain2/lung2). Returns the datalist file path; images are in ``nifti/`` beside it."""
+    import nibabel as nib
+    import numpy as np
+
+    from medsr_monai.data.datalist import load_datalist, write_datalist
+    from medsr_monai.data.samples import write_nifti
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    splits = {}
+    for split in ("training", "validation", "test"):
+        items = []
+        for it in load_datalist(sample_dir, split):
+            img = nib.load(it["image"])
+            sx, sy, sz = img.shape[:3]
+            x0, y0, z0 = (sx - 64) // 2, (sy - 64) // 2, (sz - 6) // 2
+            crop = img.slicer[x0:x0 + 64, y0:y0 + 64, z0:z0 + 6]  # slicer keeps the affine right
+            data = np.asanyarray(crop.dataobj)
+            dest = write_nifti(root / "nifti" / f"{it['subject']}.nii.gz", data, crop.affine)
+            items.append({
+                "image": str(dest),
+                "subject": it["subject"],
+                "modality": it["modality"],
+                "spacing": [float(v) for v in np.linalg.norm(crop.affine[:3, :3], axis=0)],
+                "shape": list(data.shape),
+            })
+        splits[split] = items
+    return write_datalist(
+        root / "datalist.json", splits, name="medsr-tiny",
+        description="64x64x6 centre crops of the real samples, same subject split",
+    )

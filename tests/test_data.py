@@ -1,0 +1,461 @@
+"""Tests of the data layer on the real sample scans (medsr_monai.data)."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsr_monai.data import (
+    SAMPLES,
+    DatalistError,
+    SampleIntegrityError,
+    VolumeError,
+    check_volume,
+    datalist_sha256,
+    fetch_samples,
+    file_sha256,
+    index_folder,
+    load_datalist,
+    split_subjects,
+    write_nifti,
+)
+from medsr_monai.data import cli as data_cli
+from medsr_monai.data.samples import ARCHIVES
+
+PYDICOM_TEST_FILES = None
+try:
+    import pydicom.data as _pdd
+
+    PYDICOM_TEST_FILES = Path(_pdd.__file__).parent / "test_files"
+except ImportError:  # pragma: no cover
+    pass
+CT5N = PYDICOM_TEST_FILES / "dicomdirtests" / "98892001" / "CT5N" if PYDICOM_TEST_FILES else None
+
+
+def _cache_file(sample_dir: Path, subject: str) -> Path:
+    s = next(s for s in SAMPLES if s.subject == subject)
+    return sample_dir.parent / "cache" / "files" / f"{s.package}-{s.version}" / Path(s.member).name
+
+
+# ----------------------------------------------------------------------------- samples
+def test_manifest_contents_and_hashes(sample_dir):
+    man = json.loads((sample_dir / "manifest.json").read_text())
+    entries = {e["subject"]: e for e in man["files"]}
+    assert set(entries) == {"brain1", "brain2", "lung1", "lung2", "mni152", "pydeface_mean"}
+    for s in SAMPLES:
+        e = entries[s.subject]
+        assert e["sha256_source"] == s.sha256
+        assert e["modality"] == s.modality
+        assert e["source"]["package"] == s.package and e["source"]["version"] == s.version
+        assert e["source"]["path"] == s.member
+        assert e["licence"] and e["attribution"] and e["description"]
+        nii = sample_dir / e["image"]
+        assert file_sha256(nii) == e["sha256_nifti"]
+        img = nib.load(nii)
+        assert list(img.shape) == e["shape"]
+        np.testing.assert_allclose(np.linalg.norm(img.affine[:3, :3], axis=0), e["spacing"], rtol=1e-6)
+        # the extracted source file in the cache is the pinned one
+        assert file_sha256(_cache_file(sample_dir, s.subject)) == s.sha256
+    for subj in ("brain1", "brain2", "lung1", "lung2"):
+        assert "TCIA" in entries[subj]["attribution"]
+    assert "MNI" in entries["mni152"]["attribution"]
+    assert entries["lung1"]["shape"] == [512, 512, 48] and entries["brain2"]["shape"] == [256, 256, 23]
+    np.testing.assert_allclose(entries["brain1"]["spacing"], [0.78125, 0.78125, 6.5])
+    # CT kept in HU: air about -1000, integer type
+    assert entries["lung1"]["dtype"] == "int16" and entries["lung1"]["intensity_range"][0] <= -1000
+    assert entries["mni152"]["dtype"] == "float32"
+    dl = json.loads((sample_dir / "datalist.json").read_text())
+    assert dl["manifest"] == "manifest.json"
+    assert dl["manifest_sha256"] == file_sha256(sample_dir / "manifest.json")
+    lic = (sample_dir / "data_license.txt").read_text()
+    assert "TCIA" in lic and "BSD-3-Clause" in lic and "MIT" in lic
+
+
+def test_datalist_split_by_subject(sample_dir):
+    splits = {s: load_datalist(sample_dir, s) for s in ("training", "validation", "test")}
+    subjects = {s: [it["subject"] for it in items] for s, items in splits.items()}
+    assert subjects["training"] == ["brain1", "lung1", "mni152"]
+    assert subjects["validation"] == ["pydeface_mean"]
+    assert sorted(subjects["test"]) == ["brain2", "lung2"]
+    flat = [x for v in subjects.values() for x in v]
+    assert len(flat) == len(set(flat)), "a subject is in two splits"
+    # held-out brain MR and lung CT in test, their partner patients in training
+    test_mod = {it["subject"]: it["modality"] for it in splits["test"]}
+    assert test_mod == {"brain2": "MR", "lung2": "CT"}
+    for items in splits.values():
+        for it in items:
+            assert Path(it["image"]).is_absolute() and Path(it["image"]).is_file()
+            assert it["spacing"] and it["modality"] in ("MR", "CT")
+    raw = json.loads((sample_dir / "datalist.json").read_text())
+    assert raw["training"][0]["image"] == "nifti/brain1.nii.gz"  # stored relative
+    assert datalist_sha256(sample_dir) == file_sha256(sample_dir / "datalist.json")
+
+
+@pytest.mark.parametrize("subject", ["brain1", "brain2", "lung1", "lung2"])
+def test_nifti_geometry_agrees_with_simpleitk(sample_dir, subject):
+    import SimpleITK as sitk
+
+    nrrd_path = _cache_file(sample_dir, subject)
+    ref = sitk.ReadImage(str(nrrd_path))
+    img = nib.load(sample_dir / "nifti" / f"{subject}.nii.gz")
+    np.testing.assert_allclose(np.linalg.norm(img.affine[:3, :3], axis=0), ref.GetSpacing(), rtol=1e-6)
+    assert img.shape == ref.GetSize()
+    from medsr_monai.data import read_nrrd
+
+    _, nrrd_affine, _ = read_nrrd(nrrd_path)  # the converter itself, not only its stored output
+    np.testing.assert_allclose(nrrd_affine, img.affine, atol=1e-5)
+    ref_arr = sitk.GetArrayFromImage(ref)  # (z, y, x)
+    data = np.asanyarray(img.dataobj)
+    for idx in [(0, 0, 0), (img.shape[0] - 1, 3, img.shape[2] - 1), (17, img.shape[1] - 5, 2)]:
+        lps = np.array(ref.TransformIndexToPhysicalPoint(idx))
+        ras = (img.affine @ np.array([*idx, 1.0]))[:3]
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-4)
+        assert data[idx] == ref_arr[idx[::-1]]
+    # orientation codes agree: ITK's direction (LPS) flipped to RAS equals the NIfTI axes
+    direction = np.array(ref.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(np.diag([-1, -1, 1]) @ direction,
+                               img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0), atol=1e-6)
+
+
+def test_fetch_samples_rerun_is_cached_and_idempotent(sample_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in sample_dir.rglob("*") if p.is_file()}
+    man = (sample_dir / "manifest.json").read_bytes()
+    t0 = time.time()
+    assert fetch_samples(sample_dir, progress=False) == sample_dir
+    assert time.time() - t0 < 10
+    assert (sample_dir / "manifest.json").read_bytes() == man
+    after = {p.name: p.stat().st_mtime_ns for p in sample_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_fetch_samples_rejects_tampered_archive(tmp_path, sample_dir):
+    """A source whose bytes differ from the pinned hash is refused, naming file and both hashes."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / ARCHIVES["pyradiomics"]["file"]
+    with tarfile.open(archive, "w:gz") as tf:
+        for s in SAMPLES:
+            if s.package != "pyradiomics":
+                continue
+            blob = _cache_file(sample_dir, s.subject).read_bytes()
+            if s.subject == "brain1":
+                blob = blob[:-1] + bytes([blob[-1] ^ 0xFF])  # one flipped byte
+            ti = tarfile.TarInfo(s.member)
+            ti.size = len(blob)
+            tf.addfile(ti, io.BytesIO(blob))
+    with pytest.raises(SampleIntegrityError) as exc:
+        fetch_samples(tmp_path / "samples", cache_dir=cache, progress=False)
+    msg = str(exc.value)
+    brain1 = next(s for s in SAMPLES if s.subject == "brain1")
+    assert "brain1_image.nrrd" in msg and brain1.sha256 in msg and "actual" in msg
+    assert not (tmp_path / "samples" / "manifest.json").exists()
+
+
+def test_tiny_datalist(tiny_datalist):
+    for split, n in (("training", 3), ("validation", 1), ("test", 2)):
+        items = load_datalist(tiny_datalist, split)
+        assert len(items) == n
+        for it in items:
+            info = check_volume(it["image"])
+            assert info["shape"] == [64, 64, 6]
+    lung = next(it for it in load_datalist(tiny_datalist, "training") if it["subject"] == "lung1")
+    assert check_volume(lung["image"])["min"] < -500  # still HU
+
+
+# ----------------------------------------------------------------------------- checks
+def _nifti(path: Path, data, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_check_volume_accepts_real_files(sample_dir):
+    info = check_volume(sample_dir / "nifti" / "lung1.nii.gz")
+    assert info["shape"] == [512, 512, 48] and info["format"] == "nifti"
+    np.testing.assert_allclose(info["spacing"], [0.5703125, 0.5703125, 5.0])
+    info = check_volume(_cache_file(sample_dir, "brain2"))  # NRRD straight from the archive
+    assert info["format"] == "nrrd" and info["shape"] == [256, 256, 23]
+
+
+def test_check_volume_errors_name_file_and_problem(tmp_path, sample_dir):
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(8, 8, 8)).astype(np.float32)
+
+    truncated = tmp_path / "truncated.nii.gz"
+    blob = (sample_dir / "nifti" / "brain1.nii.gz").read_bytes()
+    truncated.write_bytes(blob[: len(blob) // 2])
+    flat2d = _nifti(tmp_path / "flat2d.nii.gz", good[:, :, 0])
+    four_d = _nifti(tmp_path / "four_d.nii.gz", rng.normal(size=(8, 8, 8, 3)).astype(np.float32))
+    has_nan = good.copy()
+    has_nan[1, 2, 3] = np.nan
+    nan_file = _nifti(tmp_path / "has_nan.nii", has_nan)
+    has_inf = good.copy()
+    has_inf[0, 0, 0] = np.inf
+    inf_file = _nifti(tmp_path / "has_inf.nii.gz", has_inf)
+    constant = _nifti(tmp_path / "constant.nii.gz", np.full((8, 8, 8), 7, np.int16))
+    missing = tmp_path / "missing.nii.gz"
+    garbage = tmp_path / "garbage.nii"
+    garbage.write_bytes(b"not a nifti file at all" * 30)
+
+    cases = [
+        (truncated, "unreadable or corrupt"),
+        (flat2d, "2D"),
+        (four_d, "4D"),
+        (nan_file, "NaN"),
+        (inf_file, "Inf"),
+        (constant, "constant"),
+        (missing, "does not exist"),
+        (garbage, "unreadable or corrupt"),
+    ]
+    for path, problem in cases:
+        with pytest.raises(VolumeError) as exc:
+            check_volume(path)
+        assert path.name in str(exc.value), str(exc.value)
+        assert problem in str(exc.value), str(exc.value)
+        assert exc.value.path == str(path)
+    # a 4D file whose extra dim is singleton is a 3D volume
+    ok = _nifti(tmp_path / "singleton4d.nii.gz", good[..., None])
+    assert check_volume(ok)["shape"] == [8, 8, 8]
+    # a truncated .nii.gz really is detected only on data access: the header still loads
+    nib.load(str(truncated))
+
+
+@pytest.mark.skipif(CT5N is None or not CT5N.is_dir(), reason="pydicom test files not installed")
+def test_dicom_series_geometry_agrees_with_simpleitk(tmp_path):
+    """A real (downsampled) CT series from pydicom's test files, read as a folder."""
+    import SimpleITK as sitk
+
+    from medsr_monai.data import read_dicom_series
+
+    info = check_volume(CT5N)
+    assert info["format"] == "dicom" and info["shape"] == [16, 16, 5]
+    data, affine, meta = read_dicom_series(CT5N)
+    assert meta["Modality"] == "CT" and meta["PatientID"] == "98890234"
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(CT5N))
+    reader.SetFileNames(files)
+    ref = reader.Execute()
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), ref.GetSpacing(), rtol=1e-4)
+    # ITK may sort slices in either direction: compare each voxel's world position and value
+    ref_arr = sitk.GetArrayFromImage(ref)
+    for k in range(ref.GetSize()[2]):
+        for idx in [(0, 0, k), (15, 3, k), (4, 15, k)]:
+            lps = np.array(ref.TransformIndexToPhysicalPoint(idx))
+            ras = lps * [-1, -1, 1]
+            ijk = np.linalg.solve(affine, np.array([*ras, 1.0]))[:3]
+            np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-3)
+            mine = data[tuple(int(v) for v in np.round(ijk))]
+            assert mine == ref_arr[idx[::-1]]
+
+
+# ----------------------------------------------------------------------------- datalists
+def test_load_datalist_errors(tmp_path, sample_dir):
+    with pytest.raises(DatalistError, match="does not exist"):
+        load_datalist(tmp_path / "nope.json", "training")
+    with pytest.raises(DatalistError, match="no datalist.json"):
+        load_datalist(tmp_path, "training")
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "training": [\n    {"image": "a.nii.gz",}\n  ]\n}\n')
+    with pytest.raises(DatalistError) as exc:
+        load_datalist(bad, "training")
+    assert "bad.json" in str(exc.value) and "line 3" in str(exc.value) and "column" in str(exc.value)
+
+    img = shutil.copy(sample_dir / "nifti" / "brain2.nii.gz", tmp_path / "b2.nii.gz")
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({
+        "training": [{"image": "b2.nii.gz", "subject": "b2"}],
+        "validation": [],
+        "test": [{"image": "b2.nii.gz"}, {"image": "gone1.nii.gz"}, {"image": "sub/gone2.nii"}],
+        "odd": [{"label": "x"}],
+    }))
+    items = load_datalist(dl, "training")
+    assert items == [{"image": str(Path(img).resolve()), "subject": "b2"}]
+    with pytest.raises(DatalistError, match=r"dl\.json: split 'validation' is empty"):
+        load_datalist(dl, "validation")
+    with pytest.raises(DatalistError, match=r"dl\.json: no split 'nosuch'"):
+        load_datalist(dl, "nosuch")
+    with pytest.raises(DatalistError, match="without an 'image'"):
+        load_datalist(dl, "odd")
+    with pytest.raises(DatalistError) as exc:
+        load_datalist(dl, "test")
+    msg = str(exc.value)
+    assert "2 missing" in msg and "gone1.nii.gz" in msg and "gone2.nii" in msg and "dl.json" in msg
+
+
+def test_load_datalist_keeps_subject_strings(tmp_path, sample_dir):
+    """A subject id that happens to name a folder must stay a plain string."""
+    (tmp_path / "P001").mkdir()
+    shutil.copy(sample_dir / "nifti" / "brain2.nii.gz", tmp_path / "P001" / "t1.nii.gz")
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"image": "P001/t1.nii.gz", "subject": "P001"}]}))
+    (it,) = load_datalist(tmp_path, "training")
+    assert it["subject"] == "P001" and it["image"] == str((tmp_path / "P001" / "t1.nii.gz").resolve())
+
+
+# ----------------------------------------------------------------------------- index_folder
+@pytest.fixture()
+def user_folder(tmp_path, tiny_datalist):
+    """Real tiny crops (5 subjects) + bad files + a real DICOM CT series + noise."""
+    root = tmp_path / "scans"
+    (root / "good" / "nested").mkdir(parents=True)
+    nifti = Path(tiny_datalist).parent / "nifti"
+    for i, subj in enumerate(["brain1", "lung1", "mni152", "brain2", "lung2"]):
+        dest = root / "good" / ("nested" if i % 2 else "") / f"{subj}.nii.gz"
+        shutil.copy(nifti / f"{subj}.nii.gz", dest)
+    # the pydeface crop as uncompressed .nii
+    nib.save(nib.load(nifti / "pydeface_mean.nii.gz"), str(root / "good" / "meanhead.nii"))
+    bad = root / "bad"
+    bad.mkdir()
+    blob = (nifti / "lung2.nii.gz").read_bytes()
+    (bad / "cut.nii.gz").write_bytes(blob[: len(blob) // 3])
+    _nifti(bad / "flat.nii.gz", np.arange(64, dtype=np.float32).reshape(8, 8))
+    _nifti(bad / "blank.nii.gz", np.zeros((8, 8, 8), np.float32))
+    (bad / "notes.txt").write_text("ignored")
+    (bad / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 50)
+    if CT5N is not None and CT5N.is_dir():
+        shutil.copytree(CT5N, root / "dicom" / "ct5n")
+    return root
+
+
+def test_index_folder(user_folder, tmp_path):
+    out = tmp_path / "index_out"
+    res = index_folder(user_folder, out=out, seed=0)
+    rejected = {Path(r["path"]).name: r["reason"] for r in res["rejected"]}
+    assert set(rejected) == {"cut.nii.gz", "flat.nii.gz", "blank.nii.gz", "broken.dcm"}
+    assert "corrupt" in rejected["cut.nii.gz"] and "2D" in rejected["flat.nii.gz"]
+    assert "constant" in rejected["blank.nii.gz"]
+    items = {it["subject"]: it for it in res["items"]}
+    expected = {"brain1", "lung1", "mni152", "brain2", "lung2", "meanhead"}
+    has_dicom = CT5N is not None and CT5N.is_dir()
+    if has_dicom:
+        expected.add("98890234")
+        d = items["98890234"]
+        assert d["modality"] == "CT" and not d["modality_guessed"]
+        assert d["shape"] == [16, 16, 5]
+        assert Path(d["image"]).parent == (out / "nifti").resolve()
+        np.testing.assert_allclose(d["spacing"], [0.488281, 0.488281, 2.5], rtol=1e-5)
+        assert check_volume(d["image"])["shape"] == [16, 16, 5]
+    assert set(items) == expected
+    # modality guessed from intensities for plain NIfTI
+    assert items["lung1"]["modality"] == "CT" and items["lung1"]["modality_guessed"]
+    assert items["brain2"]["modality"] == "MR" and items["mni152"]["modality"] == "MR"
+    # split by subject, every split non-empty, no overlap
+    splits = res["splits"]
+    assert all(splits[s] for s in ("training", "validation", "test"))
+    flat = [x for v in splits.values() for x in v]
+    assert sorted(flat) == sorted(expected)
+    for split, subjects in splits.items():
+        loaded = load_datalist(out, split)
+        assert sorted({it["subject"] for it in loaded}) == subjects
+        assert all(Path(it["image"]).is_file() for it in loaded)
+    man = json.loads((out / "manifest.json").read_text())
+    dl = json.loads((out / "datalist.json").read_text())
+    assert dl["manifest_sha256"] == file_sha256(out / "manifest.json")
+    for f in man["files"]:
+        assert file_sha256(out / f["image"]) == f["sha256"]
+    assert {Path(r["path"]).name for r in man["rejected"]} == set(rejected)
+    # deterministic for a fixed seed (fresh output folder), and the seed matters
+    res2 = index_folder(user_folder, out=tmp_path / "again", seed=0, verbose=False)
+    assert res2["splits"] == splits
+    assert (tmp_path / "again" / "datalist.json").read_text().replace("again", "index_out") == (
+        out / "datalist.json").read_text()
+    others = [index_folder(user_folder, out=tmp_path / f"s{s}", seed=s, verbose=False)["splits"] for s in (1, 2, 3)]
+    assert any(o != splits for o in others)
+
+
+def test_index_folder_default_out_and_modality(user_folder):
+    res = index_folder(user_folder / "good", modality="MR", verbose=False)
+    assert Path(res["datalist"]) == user_folder / "good" / "datalist.json"
+    assert all(it["modality"] == "MR" and not it["modality_guessed"] for it in res["items"])
+    # a second run must not pick up its own outputs
+    res2 = index_folder(user_folder / "good", modality="MR", verbose=False)
+    assert len(res2["items"]) == len(res["items"]) == 6
+
+
+def test_index_folder_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatalistError, match="empty: no NIfTI"):
+        index_folder(empty)
+    with pytest.raises(DatalistError, match="does not exist"):
+        index_folder(tmp_path / "absent")
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    _nifti(only_bad / "zeros.nii.gz", np.zeros((4, 4, 4), np.float32))
+    with pytest.raises(DatalistError) as exc:
+        index_folder(only_bad, verbose=False)
+    assert "only_bad: no valid volume" in str(exc.value) and "zeros.nii.gz" in str(exc.value)
+    with pytest.raises(DatalistError, match="val_fraction"):
+        index_folder(only_bad, val_fraction=1.5)
+
+
+def test_split_subjects_properties():
+    for n in range(3, 12):
+        subs = [f"s{i:02d}" for i in range(n)]
+        sp = split_subjects(subs, seed=0)
+        assert all(sp[k] for k in sp), (n, sp)
+        assert sorted(sum(sp.values(), [])) == subs
+        assert split_subjects(list(reversed(subs)), seed=0) == sp  # order-independent
+    assert split_subjects(["a"], seed=0) == {"training": ["a"], "validation": [], "test": []}
+    sp20 = split_subjects([f"s{i}" for i in range(20)], seed=0, val_fraction=0.1, test_fraction=0.25)
+    assert (len(sp20["training"]), len(sp20["validation"]), len(sp20["test"])) == (13, 2, 5)
+
+
+def test_write_nifti_is_byte_stable(tmp_path):
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    aff = np.diag([0.5, 0.5, 2.0, 1.0])
+    a = write_nifti(tmp_path / "a.nii.gz", data, aff)
+    time.sleep(1.1)
+    b = write_nifti(tmp_path / "b.nii.gz", data, aff)
+    assert a.read_bytes() == b.read_bytes()
+    assert gzip.decompress(a.read_bytes())[:4] == (348).to_bytes(4, "little")
+    np.testing.assert_array_equal(nib.load(a).get_fdata(), data)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser():
+    parser = argparse.ArgumentParser(prog="medsr")
+    sub = parser.add_subparsers(dest="command")
+    data_cli.register(sub)
+    return parser
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["data", "--help"], "samples"),
+    (["data", "samples", "--help"], "--cache"),
+    (["data", "index", "--help"], "--val-fraction"),
+])
+def test_cli_help(argv, text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 0
+    assert text in capsys.readouterr().out
+
+
+def test_cli_samples_and_index(sample_dir, user_folder, tmp_path, capsys):
+    args = _parser().parse_args(["data", "samples", "--out", str(sample_dir)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "lung2" in out and "test" in out and "datalist.json" in out
+
+    args = _parser().parse_args(["data", "index", str(user_folder), "--out", str(tmp_path / "o"), "--seed", "3"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "brain1" in out and "rejected" in out and "blank.nii.gz" in out
+    assert (tmp_path / "o" / "datalist.json").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _parser().parse_args(["data", "index", str(empty)])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(empty) in err[0] and err[0].startswith("error:")
