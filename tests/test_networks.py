@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medsr_monai.networks import EDSR, SRCNN, InterpolationSR, find_last_conv
-from medsr_monai.networks.wrappers import _grid_interpolate_ts
+from medsr_monai.transforms.grid import interpolate_scaled
 from medsr_monai.transforms.grid import grid_interpolate
 
 # torch 2.x deprecates TorchScript, but MONAI's ckpt_export still scripts by default.
@@ -220,11 +220,10 @@ def test_wrapper_gradients(name):
 @pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
 @pytest.mark.parametrize("grid", ["corner", "center"])
 @pytest.mark.parametrize("scales", [[2.0, 2.0], [3.0, 1.0], [1.5, 4.0], [2.5, 3.0]])
-def test_scriptable_interpolation_matches_grid_interpolate(mode, grid, scales):
+def test_scripted_interpolation_matches_eager_grid_interpolate(mode, grid, scales):
     x = torch.rand(2, 1, 5, 7)
     ref = grid_interpolate(x, scales, mode=mode, grid=grid, spatial_dims=2)
-    assert torch.equal(_grid_interpolate_ts(x, scales, mode, grid), ref)
-    scripted = torch.jit.script(_grid_interpolate_ts)
+    scripted = torch.jit.script(interpolate_scaled)
     assert torch.equal(scripted(x, scales, mode, grid), ref)
     x3 = torch.rand(1, 2, 3, 4, 5)
     ref3 = grid_interpolate(x3, scales + [2.0], mode=mode, grid=grid, spatial_dims=3)

@@ -10,11 +10,10 @@ from typing import List
 import torch
 from torch import nn
 
-from medsr_monai.transforms.grid import GRID_CONVENTIONS, INTERP_MODES, grid_interpolate
+from medsr_monai.transforms.grid import GRID_CONVENTIONS, canonical_mode, interpolate_scaled
 
 __all__ = ["InterpolationSR", "find_last_conv"]
 
-_MODE_ALIASES = {"bilinear": "linear", "trilinear": "linear", "bicubic": "cubic", "tricubic": "cubic"}
 
 
 def find_last_conv(net: nn.Module) -> nn.Module:
@@ -37,72 +36,6 @@ def find_last_conv(net: nn.Module) -> nn.Module:
 
 
 # --- TorchScript twin of medsr_monai.transforms.grid.grid_interpolate ------------------------------------------
-# grid_interpolate is plain Python (f-strings with !r, heterogeneous tuples) and cannot be scripted. The functions
-# below repeat its arithmetic operation for operation (same float64 positions, same Keys a=-0.5 kernel, same
-# accumulation order, half-to-even rounding of the output size) so that a scripted InterpolationSR (MONAI's
-# ckpt_export) reproduces the eager model; tests/test_networks.py checks that they agree.
-
-
-def _round_half_even(v: float) -> int:
-    f = math.floor(v)
-    r = v - f
-    if r > 0.5 or (r == 0.5 and f % 2 == 1):
-        f += 1
-    return int(f)
-
-
-def _cubic_weights_ts(t: torch.Tensor) -> torch.Tensor:
-    a = -0.5
-    d = torch.stack([t + 1, t, 1 - t, 2 - t], dim=-1).abs()
-    w_near = (a + 2) * d**3 - (a + 3) * d**2 + 1
-    w_far = a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
-    return torch.where(d <= 1, w_near, torch.where(d < 2, w_far, torch.zeros_like(d)))
-
-
-def _interp_axis_ts(x: torch.Tensor, axis: int, out_size: int, scale: float, mode: str, grid: str) -> torch.Tensor:
-    n = x.shape[axis]
-    j = torch.arange(out_size, dtype=torch.float64)
-    if grid == "corner":
-        u = j / scale
-    else:
-        u = (j + 0.5) / scale - 0.5
-    if mode == "nearest":
-        idx = torch.round(u).long().clamp(0, n - 1)
-        return x.index_select(axis, idx.to(x.device))
-    base = torch.floor(u)
-    t = (u - base).to(x.dtype)
-    base_i = base.long()
-    if mode == "linear":
-        offsets: List[int] = [0, 1]
-        weights = torch.stack([1 - t, t], dim=-1)
-    else:
-        offsets = [-1, 0, 1, 2]
-        weights = _cubic_weights_ts(t)
-    weights = weights.to(x.device)
-    shape: List[int] = [1] * x.dim()
-    shape[axis] = out_size
-    idx0 = (base_i + offsets[0]).clamp(0, n - 1).to(x.device)
-    out = x.index_select(axis, idx0) * weights[:, 0].reshape(shape)
-    for k in range(1, len(offsets)):
-        idx = (base_i + offsets[k]).clamp(0, n - 1).to(x.device)
-        out = out + x.index_select(axis, idx) * weights[:, k].reshape(shape)
-    return out
-
-
-def _grid_interpolate_ts(x: torch.Tensor, scales: List[float], mode: str, grid: str) -> torch.Tensor:
-    if not torch.is_floating_point(x):
-        x = x.float()
-    out = x
-    spatial_dims = len(scales)
-    for k in range(spatial_dims):
-        s = scales[k]
-        if s == 1.0:
-            continue
-        axis = x.dim() - spatial_dims + k
-        out = _interp_axis_ts(out, axis, _round_half_even(out.shape[axis] * s), s, mode, grid)
-    return out
-
-
 class InterpolationSR(nn.Module):
     """Make any network map a low-resolution (LR) image to the high-resolution (HR) image.
 
@@ -119,8 +52,8 @@ class InterpolationSR(nn.Module):
     interpolation shifts ``up`` by half an HR voxel, which the network then has to learn to undo (and which makes
     the interpolation baseline look worse than it is). See :mod:`medsr_monai.transforms.grid`.
 
-    Eager mode calls :func:`medsr_monai.transforms.grid.grid_interpolate`; under ``torch.jit.script`` a
-    scriptable copy of the same arithmetic is used, so the wrapper can be exported with MONAI's ``ckpt_export``.
+    The interpolation is :func:`medsr_monai.transforms.grid.interpolate_scaled`, the TorchScript-compatible core
+    of ``grid_interpolate``, so the wrapper can be exported with MONAI's ``ckpt_export``.
 
     Args:
         net: the network; must accept the interpolated image (``pre_upsample=True``) or the LR image and
@@ -155,9 +88,7 @@ class InterpolationSR(nn.Module):
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()
-        mode = mode.lower()
-        if mode not in INTERP_MODES:
-            raise ValueError(f"mode must be one of {INTERP_MODES}, got {mode!r}")
+        mode = canonical_mode(mode)
         if grid not in GRID_CONVENTIONS:
             raise ValueError(f"grid must be one of {GRID_CONVENTIONS}, got {grid!r}")
         scales = [float(s) for s in scale] if isinstance(scale, Sequence) else [float(scale)] * spatial_dims
@@ -182,7 +113,7 @@ class InterpolationSR(nn.Module):
 
         self.net = net
         self.scales: List[float] = scales
-        self.mode: str = _MODE_ALIASES.get(mode, mode)
+        self.mode: str = mode
         self.grid: str = grid
         self.pre_upsample: bool = bool(pre_upsample)
         self.residual: bool = bool(residual)
@@ -196,14 +127,11 @@ class InterpolationSR(nn.Module):
 
     def interpolate(self, x: torch.Tensor) -> torch.Tensor:
         """The interpolation baseline ``grid_interpolate(x, scale, mode, grid)`` that the wrapper uses."""
-        return grid_interpolate(x, self.scales, mode=self.mode, grid=self.grid, spatial_dims=self.spatial_dims)
+        return interpolate_scaled(x, self.scales, self.mode, self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map the LR image ``(B, C, *spatial)`` to the HR image ``(B, C_out, *(scale * spatial))``."""
-        if torch.jit.is_scripting():
-            up = _grid_interpolate_ts(x, self.scales, self.mode, self.grid)
-        else:
-            up = grid_interpolate(x, self.scales, mode=self.mode, grid=self.grid, spatial_dims=self.spatial_dims)
+        up = interpolate_scaled(x, self.scales, self.mode, self.grid)
         if self.pre_upsample:
             y = self.net(up)
         else:

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri"]
+__all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri", "init_tracking_store"]
 
 
 class TrackingError(RuntimeError):
@@ -86,3 +86,16 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                     raise TrackingError(f"MLflow tracking server {uri!r} answered {resp.status} on /health ({hint})")
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise TrackingError(f"MLflow tracking server {uri!r} cannot be reached: {e} ({hint})") from e
+
+
+def init_tracking_store(uri: str) -> bool:
+    """Open the store once so that MLflow creates its tables now.
+
+    Under ``torchrun`` every rank builds the config's MLflow handlers, and each handler opens the store; on a
+    new sqlite store the ranks then race on MLflow's schema migration (``duplicate column name``). Call this
+    on rank 0, then ``dist.barrier()``, before the handlers are built (see ``multi_gpu_train.json``).
+    """
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return True

@@ -21,6 +21,8 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tenso
 
 from .functional import decimate_downsample, kspace_downsample, rescale_affine, scale_factors
 
+from .base import RandDictWrapper
+
 __all__ = [
     "DecimateDownsample",
     "DecimateDownsampled",
@@ -159,7 +161,7 @@ class RandKSpaceDownsample(RandomizableTransform):
         return self.downsample(img, self.scale)
 
 
-class RandKSpaceDownsampled(RandomizableTransform, MapTransform):
+class RandKSpaceDownsampled(RandDictWrapper):
     """Dictionary form of :class:`RandKSpaceDownsample`: one factor drawn per call, shared by all keys.
 
     Args:
@@ -186,24 +188,7 @@ class RandKSpaceDownsampled(RandomizableTransform, MapTransform):
         spatial_dims: int = 2,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.rand_downsample = RandKSpaceDownsample(scales, prob=1.0, spatial_dims=spatial_dims)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.rand_downsample.set_random_state(state=self.R)  # share one stream
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.rand_downsample.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.rand_downsample(d[key], randomize=False)
-        return d
+        super().__init__(keys, RandKSpaceDownsample(scales, prob=1.0, spatial_dims=spatial_dims), prob, allow_missing_keys)
 
 
 class DecimateDownsample(Transform):
@@ -325,7 +310,7 @@ class RandDecimateDownsample(RandomizableTransform):
         return self.downsample(img, [self.sigma if s > 1 else 0.0 for s in self.scale])
 
 
-class RandDecimateDownsampled(RandomizableTransform, MapTransform):
+class RandDecimateDownsampled(RandDictWrapper):
     """Dictionary form of :class:`RandDecimateDownsample`: one sigma drawn per call, shared by all keys.
 
     Args:
@@ -354,21 +339,4 @@ class RandDecimateDownsampled(RandomizableTransform, MapTransform):
         spatial_dims: int = 2,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.rand_downsample = RandDecimateDownsample(scale, sigma_range, prob=1.0, spatial_dims=spatial_dims)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.rand_downsample.set_random_state(state=self.R)  # share one stream
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.rand_downsample.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.rand_downsample(d[key], randomize=False)
-        return d
+        super().__init__(keys, RandDecimateDownsample(scale, sigma_range, prob=1.0, spatial_dims=spatial_dims), prob, allow_missing_keys)

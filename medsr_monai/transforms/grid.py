@@ -19,14 +19,26 @@ convention, with replicated borders.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import List
 
 import torch
 
-__all__ = ["GRID_CONVENTIONS", "INTERP_MODES", "grid_interpolate", "lr_positions"]
+__all__ = [
+    "GRID_CONVENTIONS", "INTERP_MODES", "canonical_mode", "grid_interpolate", "interpolate_scaled", "lr_positions",
+]
 
 GRID_CONVENTIONS = ("corner", "center")
 INTERP_MODES = ("nearest", "linear", "bilinear", "trilinear", "cubic", "bicubic", "tricubic")
+
+
+def canonical_mode(mode: str) -> str:
+    """``nearest``, ``linear`` or ``cubic`` for any accepted alias (``bilinear``, ``bicubic``, ...)."""
+    m = mode.lower()
+    if m not in INTERP_MODES:
+        raise ValueError(f"mode must be one of {INTERP_MODES}, got {mode!r}")
+    return {"bilinear": "linear", "trilinear": "linear", "bicubic": "cubic", "tricubic": "cubic"}.get(m, m)
 
 
 def lr_positions(out_size: int, scale: float, grid: str = "corner") -> torch.Tensor:
@@ -49,8 +61,18 @@ def lr_positions(out_size: int, scale: float, grid: str = "corner") -> torch.Ten
     raise ValueError(f"grid must be one of {GRID_CONVENTIONS}, got {grid!r}")
 
 
-def _cubic_weights(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    """Keys cubic convolution weights for the taps at offsets -1, 0, 1, 2 of fractional position t."""
+def _round_half_even(v: float) -> int:
+    """Python's ``round`` for floats, written so that TorchScript compiles it."""
+    f = math.floor(v)
+    r = v - f
+    if r > 0.5 or (r == 0.5 and f % 2 == 1):
+        f += 1
+    return int(f)
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """Keys cubic convolution weights (a=-0.5) for the taps at offsets -1, 0, 1, 2 of fractional position t."""
+    a = -0.5
     d = torch.stack([t + 1, t, 1 - t, 2 - t], dim=-1).abs()
     w_near = (a + 2) * d**3 - (a + 3) * d**2 + 1
     w_far = a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
@@ -59,25 +81,46 @@ def _cubic_weights(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
 
 def _interp_axis(x: torch.Tensor, axis: int, out_size: int, scale: float, mode: str, grid: str) -> torch.Tensor:
     n = x.shape[axis]
-    u = lr_positions(out_size, scale, grid)
+    j = torch.arange(out_size, dtype=torch.float64)
+    if grid == "corner":
+        u = j / scale
+    else:
+        u = (j + 0.5) / scale - 0.5
     if mode == "nearest":
         idx = torch.round(u).long().clamp(0, n - 1)
         return x.index_select(axis, idx.to(x.device))
     base = torch.floor(u)
     t = (u - base).to(x.dtype)
-    base = base.long()
+    base_i = base.long()
     if mode == "linear":
-        offsets, weights = (0, 1), torch.stack([1 - t, t], dim=-1)
+        offsets: List[int] = [0, 1]
+        weights = torch.stack([1 - t, t], dim=-1)
     else:  # cubic
-        offsets, weights = (-1, 0, 1, 2), _cubic_weights(t)
+        offsets = [-1, 0, 1, 2]
+        weights = _cubic_weights(t)
     weights = weights.to(x.device)
-    out = None
-    shape = [1] * x.ndim
+    shape: List[int] = [1] * x.dim()
     shape[axis] = out_size
-    for k, off in enumerate(offsets):
-        idx = (base + off).clamp(0, n - 1).to(x.device)
-        term = x.index_select(axis, idx) * weights[:, k].reshape(shape)
-        out = term if out is None else out + term
+    out = x.index_select(axis, (base_i + offsets[0]).clamp(0, n - 1).to(x.device)) * weights[:, 0].reshape(shape)
+    for k in range(1, len(offsets)):
+        idx = (base_i + offsets[k]).clamp(0, n - 1).to(x.device)
+        out = out + x.index_select(axis, idx) * weights[:, k].reshape(shape)
+    return out
+
+
+def interpolate_scaled(x: torch.Tensor, scales: List[float], mode: str = "cubic", grid: str = "corner") -> torch.Tensor:
+    """TorchScript-compatible core of :func:`grid_interpolate`: canonical ``mode`` (nearest/linear/cubic),
+    one factor per trailing spatial axis, no argument checking. Networks call this so they can be exported."""
+    if not torch.is_floating_point(x):
+        x = x.float()
+    out = x
+    spatial_dims = len(scales)
+    for k in range(spatial_dims):
+        s = scales[k]
+        if s == 1.0:
+            continue
+        axis = x.dim() - spatial_dims + k
+        out = _interp_axis(out, axis, _round_half_even(out.shape[axis] * s), s, mode, grid)
     return out
 
 
@@ -106,25 +149,13 @@ def grid_interpolate(
         >>> grid_interpolate(lr, 2, mode="linear").shape
         torch.Size([1, 1, 4, 4])
     """
-    mode = mode.lower()
-    if mode not in INTERP_MODES:
-        raise ValueError(f"mode must be one of {INTERP_MODES}, got {mode!r}")
-    mode = {"bilinear": "linear", "trilinear": "linear", "bicubic": "cubic", "tricubic": "cubic"}.get(mode, mode)
     if grid not in GRID_CONVENTIONS:
         raise ValueError(f"grid must be one of {GRID_CONVENTIONS}, got {grid!r}")
     if spatial_dims is None:
         spatial_dims = len(scale) if isinstance(scale, Sequence) else x.ndim - 2
-    scales = list(scale) if isinstance(scale, Sequence) else [scale] * spatial_dims
+    scales = [float(v) for v in scale] if isinstance(scale, Sequence) else [float(scale)] * spatial_dims
     if len(scales) != spatial_dims:
         raise ValueError(f"got {len(scales)} scale factors for {spatial_dims} spatial dims")
-    if not torch.is_floating_point(x):
-        x = x.float()
-    out = x
-    for k, s in enumerate(scales):
-        if s == 1:
-            continue
-        if s <= 0:
-            raise ValueError(f"scale factors must be positive, got {scales}")
-        axis = x.ndim - spatial_dims + k
-        out = _interp_axis(out, axis, int(round(out.shape[axis] * s)), float(s), mode, grid)
-    return out
+    if any(v <= 0 for v in scales):
+        raise ValueError(f"scale factors must be positive, got {scales}")
+    return interpolate_scaled(x, scales, canonical_mode(mode), grid)

@@ -15,6 +15,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy
 
+from .base import RandDictWrapper
+
 __all__ = [
     "MU_WATER_PER_MM",
     "LowDoseCTNoise",
@@ -160,7 +162,7 @@ class RicianNoised(RandomizableTransform, MapTransform):
         return d
 
 
-class RandRicianNoised(RandomizableTransform, MapTransform):
+class RandRicianNoised(RandDictWrapper):
     """Dictionary form of :class:`RandRicianNoise`: one decision and sigma per call, fresh noise per key.
 
     Args:
@@ -187,25 +189,9 @@ class RandRicianNoised(RandomizableTransform, MapTransform):
         relative: bool = True,
         allow_missing_keys: bool = False,
     ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.rand_noise = RandRicianNoise(1.0, sigma_range, relative)
+        super().__init__(keys, RandRicianNoise(1.0, sigma_range, relative), prob, allow_missing_keys)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.rand_noise.set_random_state(state=self.R)
-        return self
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.rand_noise.R = self.R
-        self.rand_noise.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.rand_noise(d[key], randomize=False)
-        return d
 
 
 def pixel_size_from_affine(img, spatial_dims: int = 2, default: float = 1.0) -> float:
@@ -432,7 +418,7 @@ class LowDoseCTNoised(RandomizableTransform, MapTransform):
         return d
 
 
-class RandLowDoseCTNoised(RandomizableTransform, MapTransform):
+class RandLowDoseCTNoised(RandDictWrapper):
     """Dictionary form of :class:`RandLowDoseCTNoise`: one decision and dose per call, fresh noise per key.
 
     Example:
@@ -455,22 +441,4 @@ class RandLowDoseCTNoised(RandomizableTransform, MapTransform):
         spatial_dims: int = 2,
         allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.rand_noise = RandLowDoseCTNoise(1.0, dose_range, incident_photons, num_angles, pixel_size_mm, spatial_dims)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.rand_noise.set_random_state(state=self.R)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.rand_noise.R = self.R
-        self.rand_noise.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.rand_noise(d[key], randomize=False)
-        return d
+        super().__init__(keys, RandLowDoseCTNoise(1.0, dose_range, incident_photons, num_angles, pixel_size_mm, spatial_dims), prob, allow_missing_keys)
