@@ -52,3 +52,20 @@ def tiny_datalist(sample_dir, tmp_path_factory) -> Path:
         root / "datalist.json", splits, name="medsr-tiny",
         description="64x64x6 centre crops of the real samples, same subject split",
     )
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tiny_datalist, tmp_path_factory):
+    """``get(bundle)`` -> :class:`helpers.TrainedBundle`: the bundle trained once per session, 1 epoch on
+    ``tiny_datalist``, through the real ``python -m monai.bundle run`` CLI with a private MLflow store.
+    The result is cached (also when training failed: ``.check()`` reports it in every test using it)."""
+    from helpers import train_tiny
+
+    cache: dict = {}
+
+    def get(bundle: str):
+        if bundle not in cache:
+            cache[bundle] = train_tiny(bundle, tiny_datalist, tmp_path_factory.mktemp(f"trained_{bundle}"))
+        return cache[bundle]
+
+    return get

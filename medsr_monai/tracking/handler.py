@@ -26,6 +26,18 @@ from monai.handlers import MLFlowHandler
 __all__ = ["MLflowRunHandler", "capture_executed_config"]
 
 _MAX_TAG = 4900
+# modules whose calls must not be cut by the SIGTERM exception: a sqlite write interrupted half-way keeps the
+# store locked by this process, and the run could then not be marked KILLED
+_NO_INTERRUPT_MODULES = ("mlflow", "sqlalchemy", "alembic", "sqlite3")
+_RETRY_S = 0.05
+
+
+def _in_store_call(frame) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] in _NO_INTERRUPT_MODULES:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def capture_executed_config() -> dict | None:
@@ -100,6 +112,11 @@ class MLflowRunHandler(MLFlowHandler):
             self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):  # turn `kill` into an exception the engine reports
+        if _in_store_call(frame) and hasattr(signal, "setitimer"):
+            # an MLflow / database call is under way: raise once it has returned (checked every 50 ms)
+            signal.signal(signal.SIGALRM, self._on_sigterm)
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            return
         raise KeyboardInterrupt("SIGTERM")
 
     def start(self, engine: Engine) -> None:

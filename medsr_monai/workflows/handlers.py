@@ -69,8 +69,10 @@ class SRMetricsHandler:
 
     Results go into ``engine.state.metrics`` as ``{prefix}{method}_{psnr|ssim}`` and
     ``{prefix}{group}_{method}_{psnr|ssim}`` (``method`` is ``sr`` for the model), plus
-    ``{prefix}{baseline}_gain_db``; per-slice rows are kept in ``engine.state.sr_records`` and
-    optionally written to ``csv_path`` / ``json_path``.
+    ``{prefix}{baseline}_gain_db`` and ``{prefix}{group}_{baseline}_gain_db``: the mean per-slice PSNR
+    gain of the model over the baseline, on the slices that have that baseline (``zerofill`` exists for
+    MR only); per-slice rows are kept in ``engine.state.sr_records`` and optionally written to
+    ``csv_path`` / ``json_path``.
 
     Args:
         baseline_keys: batch keys holding baseline reconstructions at HR size (absent keys are skipped).
@@ -89,6 +91,7 @@ class SRMetricsHandler:
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0)
         self.records: list[dict[str, Any]] = []
+        self._paired: list[tuple[str, dict[str, float]]] = []  # (group, {method: psnr}) per scored item
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -97,6 +100,7 @@ class SRMetricsHandler:
 
     def reset(self, engine: Engine | None = None) -> None:
         self.records = []
+        self._paired = []
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         x = x.detach().float().clamp(0, 1)[None]
@@ -113,11 +117,14 @@ class SRMetricsHandler:
             }
             sources = {"sr": item.get(self.pred_key)}
             sources.update({k: item[k] for k in self.baseline_keys if k in item})
+            psnrs: dict[str, float] = {}
             for method, img in sources.items():
                 if img is None:
                     continue
                 p, s = self._score(torch.as_tensor(img), label)
+                psnrs[method] = p
                 self.records.append({**base, "method": method, "psnr": p, "ssim": s})
+            self._paired.append((base["group"], psnrs))
 
     def summary(self) -> dict[str, float]:
         acc: dict[str, list[float]] = defaultdict(list)
@@ -126,9 +133,16 @@ class SRMetricsHandler:
                 acc[f"{r['method']}_{metric}"].append(r[metric])
                 acc[f"{r['group']}_{r['method']}_{metric}"].append(r[metric])
         out = {f"{self.prefix}{k}": float(np.mean(v)) for k, v in acc.items()}
+        # gains are paired per slice: a baseline present on some slices only (zerofill: MR) is compared with the
+        # model on those slices, not with the model's mean over every slice
         for k in self.baseline_keys:
-            if f"{self.prefix}{k}_psnr" in out and f"{self.prefix}sr_psnr" in out:
-                out[f"{self.prefix}{k}_gain_db"] = out[f"{self.prefix}sr_psnr"] - out[f"{self.prefix}{k}_psnr"]
+            gains: dict[str, list[float]] = defaultdict(list)
+            for group, psnrs in self._paired:
+                if "sr" in psnrs and k in psnrs:
+                    gains[""].append(psnrs["sr"] - psnrs[k])
+                    gains[f"{group}_"].append(psnrs["sr"] - psnrs[k])
+            for g, v in gains.items():
+                out[f"{self.prefix}{g}{k}_gain_db"] = float(np.mean(v))
         return out
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -286,7 +300,10 @@ class StopOnNonFiniteLoss:
         loss = self.output_transform(out) if self.output_transform else _as_list(out)[0]["loss"]
         value = float(loss)
         if not math.isfinite(value):
-            where = f"; the last good checkpoint is in {self.ckpt_dir}" if self.ckpt_dir else ""
+            where = ""
+            if self.ckpt_dir:
+                saved = sorted(Path(self.ckpt_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+                where = f"; the last good checkpoint is {saved[-1]}" if saved else "; no checkpoint was saved before it"
             raise FloatingPointError(
                 f"training loss became {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
                 f"{where}. Lower learning_rate, or check the data for NaN/Inf."

@@ -172,8 +172,10 @@ class VolumeSuperResolver:
             lo, hi = normalizer.last_range
             spacing = [float(s) for s in vol.pixdim[:3]]
             axis = slice_axis_from_spacing(spacing)
+            # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
+            # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
             inferer = SliceInferer(spatial_dim=axis, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
-                                   overlap=self.overlap, mode="gaussian", progress=False)
+                                   overlap=self.overlap, mode="gaussian", padding_mode="replicate", progress=False)
             with torch.no_grad():
                 y = inferer(torch.as_tensor(x)[None].to(self.device), self.network)[0]
             y = denormalize(y.cpu(), lo, hi).numpy()[0]

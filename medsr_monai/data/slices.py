@@ -1,0 +1,113 @@
+"""2D in-plane slices from 3D volumes, the unit every in-plane SR bundle trains and evaluates on.
+
+Volumes are loaded and normalised once; their in-plane slices with enough foreground are kept in
+memory as small dicts, so random patch sampling and degradation (MONAI transforms applied per item)
+never re-read a volume. The sample data fits easily (< 300 MB); for large cohorts use
+``max_slices_per_volume`` or a stride.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checks import check_volume
+
+__all__ = ["slice_axis_from_spacing", "volume_slices"]
+
+
+def slice_axis_from_spacing(spacing: Sequence[float], rtol: float = 0.05) -> int:
+    """The axis to slice along for in-plane SR: the coarsest spacing (thick-slice axis); ties -> last axis.
+
+    Spacings within ``rtol`` of the coarsest count as ties, so a near-isotropic volume (e.g. 1.0 x 0.977 x
+    0.977 mm) is sliced along its last axis rather than along an axis that is only 2 % coarser.
+
+    Example:
+        >>> slice_axis_from_spacing([0.78, 0.78, 6.5])
+        2
+        >>> slice_axis_from_spacing([1.0, 0.9765625, 0.9765625])
+        2
+    """
+    spacing = [float(s) for s in spacing]
+    coarsest = max(spacing)
+    return max(i for i, s in enumerate(spacing) if np.isclose(s, coarsest, rtol=rtol))
+
+
+def volume_slices(
+    items: Sequence[dict[str, Any]],
+    volume_transform: Callable[[dict], dict],
+    key: str = "image",
+    out_key: str = "label",
+    min_foreground: float = 0.1,
+    foreground_threshold: float = 0.05,
+    crop_multiple: int = 1,
+    stride: int = 1,
+    max_slices_per_volume: int | None = None,
+    progress: bool = True,
+    check: bool = True,
+) -> list[dict[str, Any]]:
+    """Load, normalise and cut each volume into in-plane 2D slices.
+
+    Args:
+        items: datalist items (``{"image": path, "modality": "MR", "subject": ...}``).
+        volume_transform: applied to each item; must return ``d[key]`` as a channel-first 3D array
+            (e.g. ``LoadImaged -> EnsureChannelFirstd -> ModalityNormalized``) with an affine.
+        key: the volume key after ``volume_transform``.
+        out_key: the key each 2D slice is stored under (``label``: the HR target).
+        min_foreground: keep a slice only if at least this fraction of its pixels is foreground
+            (mostly-background slices inflate PSNR; the metric protocol excludes them).
+        foreground_threshold: normalised intensity above which a pixel counts as foreground.
+        crop_multiple: crop each slice (from its far edges, keeping the origin) to a multiple of this,
+            e.g. the SR scale, so that whole slices can be downsampled.
+        stride: keep every ``stride``-th slice.
+        max_slices_per_volume: keep at most this many (evenly spread) slices per volume.
+        progress: show a progress bar.
+        check: first run :func:`~medsr_monai.data.check_volume` on each file, so that a truncated or corrupt
+            file, a 2D or 4D image, NaN/Inf voxels or a constant image fail with a message naming the file
+            (:class:`~medsr_monai.data.VolumeError`) instead of an obscure loader error or "no slice with
+            foreground". Reads each file twice; set False for data already checked.
+
+    Returns:
+        One dict per slice: ``out_key`` (float32 tensor ``(C, H, W)``), ``fg`` (uint8 foreground mask,
+        same shape), the item's other fields, ``slice_index``, ``slice_axis`` and ``pixdim`` (in-plane mm).
+    """
+    slices: list[dict[str, Any]] = []
+    for item in tqdm(items, desc="slicing volumes", disable=not progress, leave=False):
+        if check and isinstance(item.get(key), (str, os.PathLike)):
+            check_volume(item[key])
+        d = volume_transform(dict(item))
+        vol = d[key]
+        spacing = [float(s) for s in getattr(vol, "pixdim", [1.0, 1.0, 1.0])]
+        if vol.ndim != 4:
+            raise ValueError(f"{item.get(key, item)}: expected a channel-first 3D volume, got shape {tuple(vol.shape)}")
+        axis = slice_axis_from_spacing(spacing)
+        arr = torch.as_tensor(np.asarray(vol), dtype=torch.float32).movedim(axis + 1, -1)
+        in_plane = [s for i, s in enumerate(spacing) if i != axis]
+        h, w = arr.shape[1] - arr.shape[1] % crop_multiple, arr.shape[2] - arr.shape[2] % crop_multiple
+        arr = arr[:, :h, :w]
+        fg = arr > foreground_threshold
+        frac = fg.flatten(0, 2).float().mean(0)
+        keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground]
+        if max_slices_per_volume and len(keep) > max_slices_per_volume:
+            keep = [keep[i] for i in np.linspace(0, len(keep) - 1, max_slices_per_volume).round().astype(int)]
+        extra = {k: v for k, v in d.items() if k != key and not isinstance(v, (torch.Tensor, np.ndarray, dict))}
+        for k in keep:
+            slices.append({
+                **extra,
+                out_key: arr[..., k].contiguous(),
+                "fg": fg[..., k].to(torch.uint8).contiguous(),
+                "slice_index": k,
+                "slice_axis": axis,
+                "pixdim": in_plane,
+            })
+    if not slices:
+        raise ValueError(
+            f"no slice with >= {min_foreground:.0%} foreground in {len(items)} volume(s): "
+            f"{[i.get(key) for i in items][:5]}"
+        )
+    return slices

@@ -1,0 +1,238 @@
+"""Helpers shared by the integration tests: run bundles through the real ``monai.bundle`` CLI (or
+in-process), read what they recorded in MLflow, and build small real inputs.
+
+Every subprocess gets ``MLFLOW_TRACKING_URI=sqlite:///<tmp>/mlflow.db`` so that no test ever writes to
+the project's own store (``<repo>/mlruns``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BUNDLES = ("srcnn", "edsr")
+
+#: the smallest settings that still train and validate on the tiny 64x64x6 crops
+TINY_TRAIN = {
+    "patch_size": 32,
+    "patches_per_slice": 1,
+    "batch_size": 4,
+    "max_epochs": 1,
+    "val_slices_per_volume": 2,
+}
+
+
+def config(bundle: str, name: str) -> Path:
+    return REPO / "bundles" / bundle / "configs" / f"{name}.json"
+
+
+def config_arg(bundle: str, *names: str) -> str:
+    """``--config_file`` value: one file, or MONAI's list syntax ``"['a.json','b.json']"``."""
+    files = [str(config(bundle, n)) for n in names]
+    return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+def expr(path: str | os.PathLike) -> str:
+    """A path as a config *expression* (``$'/abs/path'``): plain strings break MONAI's saved config."""
+    return f"$'{Path(path).resolve()}'"
+
+
+def bundle_env(tmp: str | os.PathLike, **extra: str) -> dict[str, str]:
+    """Environment for a bundle subprocess: a private sqlite MLflow store under ``tmp``, the repository on
+    ``PYTHONPATH`` (the package is used from the work tree), unbuffered output."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra)
+    return env
+
+
+def tracking_uri(tmp: str | os.PathLike) -> str:
+    return f"sqlite:///{(Path(tmp).resolve() / 'mlflow.db').as_posix()}"
+
+
+def overrides_to_args(overrides: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for k, v in overrides.items():
+        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return args
+
+
+def bundle_cmd(command: str, bundle: str, configs: Sequence[str], **overrides: Any) -> list[str]:
+    """``python -m monai.bundle <command> --config_file ... --bundle_root bundles/<b> --k v ...``."""
+    return [PYTHON, "-m", "monai.bundle", command, "--config_file", config_arg(bundle, *configs),
+            "--bundle_root", str(REPO / "bundles" / bundle), *overrides_to_args(overrides)]
+
+
+def run(cmd: Sequence[str], env: dict[str, str], timeout: float = 600, cwd: str | os.PathLike = REPO
+        ) -> subprocess.CompletedProcess:
+    """Run ``cmd``; stdout and stderr together in ``.stdout``; ``.duration`` in seconds."""
+    t0 = time.monotonic()
+    proc = subprocess.run(list(cmd), env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    proc.duration = time.monotonic() - t0  # type: ignore[attr-defined]
+    return proc
+
+
+def tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def snapshot(folder: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder``."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def error_text(exc: BaseException) -> str:
+    """The messages of an exception and of every exception it was raised from (MONAI wraps config errors)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    """All runs of ``experiment`` (oldest first); empty when the experiment does not exist."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def artifact_paths(uri: str, run_id: str) -> list[str]:
+    client = mlflow_client(uri)
+    out, todo = [], [None]
+    while todo:
+        for a in client.list_artifacts(run_id, todo.pop()):
+            (todo if a.is_dir else out).append(a.path)
+    return sorted(out)
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | os.PathLike) -> Path:
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow_client(uri).download_artifacts(run_id, path, str(dst)))
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainedBundle:
+    """A bundle trained once on the tiny data through the real CLI (see the ``trained_bundle`` fixture)."""
+
+    bundle: str
+    root: Path
+    dataset_dir: Path
+    output_dir: Path
+    ckpt_dir: Path
+    env: dict[str, str]
+    proc: subprocess.CompletedProcess
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return self.env["MLFLOW_TRACKING_URI"]
+
+    @property
+    def model(self) -> Path:
+        return self.ckpt_dir / "model.pt"
+
+    def check(self) -> None:
+        assert self.proc.returncode == 0, f"training {self.bundle} failed:\n{tail(self.proc.stdout)}"
+
+
+def train_tiny(bundle: str, datalist: Path, root: Path, **extra: Any) -> TrainedBundle:
+    output_dir, ckpt_dir = root / "out", root / "models"
+    overrides = {"dataset_dir": expr(datalist.parent), "output_dir": expr(output_dir), "ckpt_dir": expr(ckpt_dir),
+                 **TINY_TRAIN, **extra}
+    env = bundle_env(root)
+    proc = run(bundle_cmd("run", bundle, ["train"], **overrides), env)
+    return TrainedBundle(bundle, root, datalist.parent, output_dir, ckpt_dir, env, proc, overrides)
+
+
+def network_from_config(bundle: str, name: str = "inference", **overrides: Any):
+    """``network_def`` of a bundle config, instantiated in-process (weights as initialised)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config(bundle, name)))
+    parser["bundle_root"] = str(REPO / "bundles" / bundle)
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser.get_parsed_content("network_def", instantiate=True)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("network"), dict):
+        state = state["network"]
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- data
+def crop_nifti(src: str | os.PathLike, dest: str | os.PathLike, size: Sequence[int]) -> Path:
+    """Centre crop of a real NIfTI (nibabel's slicer keeps the affine right), voxel type kept."""
+    import nibabel as nib
+    import numpy as np
+
+    from medsr_monai.data import write_nifti
+
+    img = nib.load(str(src))
+    starts = [(s - c) // 2 for s, c in zip(img.shape[:3], size)]
+    crop = img.slicer[tuple(slice(a, a + c) for a, c in zip(starts, size))]
+    return write_nifti(dest, np.asanyarray(crop.dataobj), crop.affine)
+
+
+def keys_cubic(t):
+    """Keys' cubic convolution kernel, a = -0.5 (closed form)."""
+    import numpy as np
+
+    a, d = -0.5, np.abs(t)
+    return np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                    np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
+
+
+def corner_cubic(x, axis: int, s: int):
+    """Cubic interpolation by ``s`` along ``axis`` on the corner grid (LR voxel i at HR voxel s*i), edges
+    replicated: HR voxel j sits at LR coordinate j/s and takes the 4 LR neighbours with Keys weights."""
+    import numpy as np
+
+    n = x.shape[axis]
+    u = np.arange(s * n) / s
+    base = np.floor(u).astype(int)
+    t = u - base
+    out = 0.0
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    for o in (-1, 0, 1, 2):
+        idx = np.clip(base + o, 0, n - 1)
+        out = out + np.take(x, idx, axis=axis) * keys_cubic(t - o).reshape(shape)
+    return out
