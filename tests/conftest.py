@@ -20,9 +20,10 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_datalist(sample_dir, tmp_path_factory) -> Path:
-    """A datalist.json of small real crops (64x64x6, affines kept) of every sample, with
-    the samples' subject split (training brain1/lung1/mni152, validation pydeface_mean,
-    test brain2/lung2). Returns the datalist file path; images are in ``nifti/`` beside it."""
+    """A datalist.json of small real crops (64x64x6, affines kept; 64x64x1 for the single-slice CT
+    samples) of every sample, with the samples' subject split (training brain1/lung1/mni152,
+    validation pydeface_mean (MR) + cq500_ct + pancreas_ct (CT), test brain2/lung2).
+    Returns the datalist file path; images are in ``nifti/`` beside it."""
     import nibabel as nib
     import numpy as np
 
@@ -36,8 +37,9 @@ def tiny_datalist(sample_dir, tmp_path_factory) -> Path:
         for it in load_datalist(sample_dir, split):
             img = nib.load(it["image"])
             sx, sy, sz = img.shape[:3]
-            x0, y0, z0 = (sx - 64) // 2, (sy - 64) // 2, (sz - 6) // 2
-            crop = img.slicer[x0:x0 + 64, y0:y0 + 64, z0:z0 + 6]  # slicer keeps the affine right
+            nz = min(6, sz)  # a single-slice volume stays single-slice
+            x0, y0, z0 = (sx - 64) // 2, (sy - 64) // 2, (sz - nz) // 2
+            crop = img.slicer[x0:x0 + 64, y0:y0 + 64, z0:z0 + nz]  # slicer keeps the affine right
             data = np.asanyarray(crop.dataobj)
             dest = write_nifti(root / "nifti" / f"{it['subject']}.nii.gz", data, crop.affine)
             items.append({
@@ -50,7 +52,7 @@ def tiny_datalist(sample_dir, tmp_path_factory) -> Path:
         splits[split] = items
     return write_datalist(
         root / "datalist.json", splits, name="medsr-tiny",
-        description="64x64x6 centre crops of the real samples, same subject split",
+        description="64x64x6 (single slices: 64x64x1) centre crops of the real samples, same subject split",
     )
 
 

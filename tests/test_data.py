@@ -40,6 +40,8 @@ try:
 except ImportError:  # pragma: no cover
     pass
 CT5N = PYDICOM_TEST_FILES / "dicomdirtests" / "98892001" / "CT5N" if PYDICOM_TEST_FILES else None
+#: the single-slice CT validation subjects (one DICOM slice each, from pydicom-data)
+SINGLE_SLICE = ("cq500_ct", "pancreas_ct")
 
 
 def _cache_file(sample_dir: Path, subject: str) -> Path:
@@ -51,7 +53,7 @@ def _cache_file(sample_dir: Path, subject: str) -> Path:
 def test_manifest_contents_and_hashes(sample_dir):
     man = json.loads((sample_dir / "manifest.json").read_text())
     entries = {e["subject"]: e for e in man["files"]}
-    assert set(entries) == {"brain1", "brain2", "lung1", "lung2", "mni152", "pydeface_mean"}
+    assert set(entries) == {"brain1", "brain2", "lung1", "lung2", "mni152", "pydeface_mean", *SINGLE_SLICE}
     for s in SAMPLES:
         e = entries[s.subject]
         assert e["sha256_source"] == s.sha256
@@ -66,8 +68,23 @@ def test_manifest_contents_and_hashes(sample_dir):
         np.testing.assert_allclose(np.linalg.norm(img.affine[:3, :3], axis=0), e["spacing"], rtol=1e-6)
         # the extracted source file in the cache is the pinned one
         assert file_sha256(_cache_file(sample_dir, s.subject)) == s.sha256
-    for subj in ("brain1", "brain2", "lung1", "lung2"):
+    for subj in ("brain1", "brain2", "lung1", "lung2", "pancreas_ct"):
         assert "TCIA" in entries[subj]["attribution"]
+    assert "Chilamkurthy" in entries["cq500_ct"]["attribution"] and "Lancet" in entries["cq500_ct"]["attribution"]
+    assert "CC BY-NC-SA 4.0" in entries["cq500_ct"]["licence"] and "NON-COMMERCIAL" in entries["cq500_ct"]["licence"]
+    assert "10.7937/K9/TCIA.2016.tNB1kqBU" in entries["pancreas_ct"]["attribution"]
+    assert "CC BY 3.0" in entries["pancreas_ct"]["licence"]
+    for subj in SINGLE_SLICE:
+        e = entries[subj]
+        assert e["modality"] == "CT" and e["split"] == "validation" and e["dtype"] == "int16"
+        assert e["shape"] == [512, 512, 1] and "MIT" in e["licence"]
+        assert e["source"]["package"] == "pydicom-data" and e["source"]["archive"].endswith(".whl")
+    np.testing.assert_allclose(entries["cq500_ct"]["spacing"], [0.478516, 0.478516, 5.0])
+    np.testing.assert_allclose(entries["pancreas_ct"]["spacing"], [0.859375, 0.859375, 1.0])
+    assert "1.0 mm" in entries["pancreas_ct"]["description"]  # no SliceThickness in the file: said so
+    assert entries["cq500_ct"]["dicom"]["PatientID"] == "CQ500-CT-310"
+    assert entries["pancreas_ct"]["dicom"]["PatientID"] == "PANCREAS_0001"
+    assert entries["pancreas_ct"]["dicom"]["thickness_source"].startswith("none")
     assert "MNI" in entries["mni152"]["attribution"]
     assert entries["lung1"]["shape"] == [512, 512, 48] and entries["brain2"]["shape"] == [256, 256, 23]
     np.testing.assert_allclose(entries["brain1"]["spacing"], [0.78125, 0.78125, 6.5])
@@ -79,19 +96,23 @@ def test_manifest_contents_and_hashes(sample_dir):
     assert dl["manifest_sha256"] == file_sha256(sample_dir / "manifest.json")
     lic = (sample_dir / "data_license.txt").read_text()
     assert "TCIA" in lic and "BSD-3-Clause" in lic and "MIT" in lic
+    assert "CC BY-NC-SA 4.0" in lic and "NON-COMMERCIAL" in lic and "pydicom-data" in lic and "CC BY 3.0" in lic
 
 
 def test_datalist_split_by_subject(sample_dir):
     splits = {s: load_datalist(sample_dir, s) for s in ("training", "validation", "test")}
     subjects = {s: [it["subject"] for it in items] for s, items in splits.items()}
     assert subjects["training"] == ["brain1", "lung1", "mni152"]
-    assert subjects["validation"] == ["pydeface_mean"]
+    assert subjects["validation"] == ["pydeface_mean", *SINGLE_SLICE]
     assert sorted(subjects["test"]) == ["brain2", "lung2"]
     flat = [x for v in subjects.values() for x in v]
     assert len(flat) == len(set(flat)), "a subject is in two splits"
     # held-out brain MR and lung CT in test, their partner patients in training
     test_mod = {it["subject"]: it["modality"] for it in splits["test"]}
     assert test_mod == {"brain2": "MR", "lung2": "CT"}
+    # validation has both modalities, so that checkpoint selection sees CT too
+    val_mod = {it["subject"]: it["modality"] for it in splits["validation"]}
+    assert val_mod == {"pydeface_mean": "MR", "cq500_ct": "CT", "pancreas_ct": "CT"}
     for items in splits.values():
         for it in items:
             assert Path(it["image"]).is_absolute() and Path(it["image"]).is_file()
@@ -125,6 +146,49 @@ def test_nifti_geometry_agrees_with_simpleitk(sample_dir, subject):
     direction = np.array(ref.GetDirection()).reshape(3, 3)
     np.testing.assert_allclose(np.diag([-1, -1, 1]) @ direction,
                                img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("subject", SINGLE_SLICE)
+def test_single_slice_ct_geometry_agrees_with_simpleitk(sample_dir, subject):
+    """The single-slice CT NIfTIs against SimpleITK (GDCM) reading the same DICOM file."""
+    import SimpleITK as sitk
+
+    from medsr_monai.data.samples import read_dicom_slice
+
+    dcm = _cache_file(sample_dir, subject)
+    ref = sitk.ReadImage(str(dcm))
+    img = nib.load(sample_dir / "nifti" / f"{subject}.nii.gz")
+    assert img.shape == ref.GetSize() == (512, 512, 1)
+    spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing[:2], ref.GetSpacing()[:2], rtol=1e-6)
+    # slice axis: SliceThickness (5 mm) for CQ500, nominal 1.0 mm for Pancreas-CT (no thickness in the file);
+    # ITK uses SpacingBetweenSlices (20 mm in the CQ500 file) or 1.0 mm
+    assert spacing[2] == pytest.approx({"cq500_ct": 5.0, "pancreas_ct": 1.0}[subject])
+    assert ref.GetSpacing()[2] == pytest.approx({"cq500_ct": 20.0, "pancreas_ct": 1.0}[subject])
+    data, affine, meta = read_dicom_slice(dcm)  # the converter itself, not only its stored output
+    np.testing.assert_allclose(affine, img.affine, atol=1e-5)
+    ref_arr = sitk.GetArrayFromImage(ref)  # (k, j, i), rescaled to HU by ITK
+    nii = np.asanyarray(img.dataobj)
+    np.testing.assert_array_equal(nii, data)
+    np.testing.assert_array_equal(nii[..., 0], ref_arr[0].T)
+    for idx in [(0, 0, 0), (511, 3, 0), (17, 507, 0), (256, 300, 0), (511, 511, 0)]:
+        lps = np.array(ref.TransformIndexToPhysicalPoint(idx))
+        ras = (img.affine @ np.array([*idx, 1.0]))[:3]
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-4)
+    direction = np.array(ref.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(np.diag([-1, -1, 1]) @ direction, img.affine[:3, :3] / spacing, atol=1e-6)
+    # HU: intercept applied, air about -1000 HU, soft tissue about 0 HU, bone below the 12-bit CT ceiling
+    assert nii.dtype == np.int16
+    hu = nii.astype(float)
+    assert ((hu >= -1050) & (hu <= -950)).mean() > 0.05
+    assert ((hu >= -200) & (hu <= 200)).mean() > 0.1
+    assert 500 < hu.max() < 3072
+    if subject == "cq500_ct":
+        assert meta["RescaleIntercept"] == -1024
+        # outside the circular field of view: padding far below air
+        assert hu[0, 0, 0] < -2000 and hu[256, 256, 0] > -200
+    else:
+        assert hu.min() == -1024
 
 
 def test_fetch_samples_rerun_is_cached_and_idempotent(sample_dir):
@@ -162,12 +226,18 @@ def test_fetch_samples_rejects_tampered_archive(tmp_path, sample_dir):
 
 
 def test_tiny_datalist(tiny_datalist):
-    for split, n in (("training", 3), ("validation", 1), ("test", 2)):
+    for split, n in (("training", 3), ("validation", 3), ("test", 2)):
         items = load_datalist(tiny_datalist, split)
         assert len(items) == n
         for it in items:
-            info = check_volume(it["image"])
-            assert info["shape"] == [64, 64, 6]
+            if it["subject"] in SINGLE_SLICE:
+                info = check_volume(it["image"], allow_single_slice=True)
+                assert info["shape"] == [64, 64, 1] and it["modality"] == "CT"
+                assert info["min"] < info["max"]
+            else:
+                info = check_volume(it["image"])
+                assert info["shape"] == [64, 64, 6]
+    assert {it["modality"] for it in load_datalist(tiny_datalist, "validation")} == {"MR", "CT"}
     lung = next(it for it in load_datalist(tiny_datalist, "training") if it["subject"] == "lung1")
     assert check_volume(lung["image"])["min"] < -500  # still HU
 
@@ -227,6 +297,77 @@ def test_check_volume_errors_name_file_and_problem(tmp_path, sample_dir):
     assert check_volume(ok)["shape"] == [8, 8, 8]
     # a truncated .nii.gz really is detected only on data access: the header still loads
     nib.load(str(truncated))
+
+
+def test_check_volume_single_slice_flag(tmp_path, sample_dir):
+    """A single slice stored as a 3D volume is rejected by default and accepted with the flag; the
+    other checks still apply to it."""
+    real = sample_dir / "nifti" / "pancreas_ct.nii.gz"
+    with pytest.raises(VolumeError, match="effectively 2D") as exc:
+        check_volume(real)
+    assert "pancreas_ct.nii.gz" in str(exc.value)
+    info = check_volume(real, allow_single_slice=True)
+    assert info["shape"] == [512, 512, 1] and info["format"] == "nifti" and info["min"] == -1024
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(8, 1, 8)).astype(np.float32)  # singleton axis in the middle
+    ok = _nifti(tmp_path / "mid.nii.gz", good)
+    assert check_volume(ok, allow_single_slice=True)["shape"] == [8, 1, 8]
+    with pytest.raises(VolumeError, match="2D"):
+        check_volume(ok)
+    # a trailing 4th singleton dim is still dropped first: (8, 8, 1, 1) is one slice
+    assert check_volume(_nifti(tmp_path / "s4d.nii.gz", good.reshape(8, 8, 1, 1)),
+                        allow_single_slice=True)["shape"] == [8, 8, 1]
+    nan = good.copy()
+    nan[3, 0, 3] = np.nan
+    cases = [
+        (_nifti(tmp_path / "two_single.nii.gz", rng.normal(size=(8, 1, 1)).astype(np.float32)), "2D"),
+        (_nifti(tmp_path / "nan_slice.nii.gz", nan), "NaN"),
+        (_nifti(tmp_path / "const_slice.nii.gz", np.full((8, 8, 1), 3, np.int16)), "constant"),
+        (_nifti(tmp_path / "flat.nii.gz", good[:, 0, :]), "2D"),
+    ]
+    for path, problem in cases:
+        with pytest.raises(VolumeError) as exc:
+            check_volume(path, allow_single_slice=True)
+        assert path.name in str(exc.value) and problem in str(exc.value), str(exc.value)
+
+
+def _volume_transform():
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from medsr_monai.transforms import ModalityNormalized
+
+    return Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
+                    ModalityNormalized("image", modality_key="modality")])
+
+
+def test_volume_slices_single_slice_volume(tmp_path, sample_dir):
+    """A one-slice volume gives exactly one slice, cut along its singleton axis whatever the spacing says."""
+    from medsr_monai.data import volume_slices
+
+    items = [{"image": str(sample_dir / "nifti" / f"{s}.nii.gz"), "subject": s, "modality": "CT"}
+             for s in SINGLE_SLICE]
+    slices = volume_slices(items, _volume_transform(), crop_multiple=2, progress=False)
+    assert [sl["subject"] for sl in slices] == list(SINGLE_SLICE)
+    for sl in slices:
+        assert sl["slice_axis"] == 2 and sl["slice_index"] == 0
+        assert tuple(sl["label"].shape) == (1, 512, 512) and tuple(sl["fg"].shape) == (1, 512, 512)
+        assert 0.0 <= float(sl["label"].min()) and float(sl["label"].max()) <= 1.0
+    np.testing.assert_allclose(slices[0]["pixdim"], [0.478516, 0.478516], rtol=1e-5)
+    np.testing.assert_allclose(slices[1]["pixdim"], [0.859375, 0.859375], rtol=1e-5)
+
+    # singleton on axis 0, while the spacing would pick axis 2 (3 mm): axis 0 is the slice axis
+    hu = np.asanyarray(nib.load(sample_dir / "nifti" / "pancreas_ct.nii.gz").dataobj)[200:264, 200:264, 0]
+    odd = write_nifti(tmp_path / "odd.nii.gz", hu[None, :, :], np.diag([1.0, 0.8, 3.0, 1.0]))
+    (sl,) = volume_slices([{"image": str(odd), "subject": "odd", "modality": "CT"}], _volume_transform(),
+                          progress=False)
+    assert sl["slice_axis"] == 0 and sl["slice_index"] == 0 and tuple(sl["label"].shape) == (1, 64, 64)
+    np.testing.assert_allclose(sl["pixdim"], [0.8, 3.0])
+    expected = np.clip((hu.astype(np.float32) + 1000) / 2000, 0, 1)
+    np.testing.assert_allclose(sl["label"][0].numpy(), expected, atol=1e-6)
+    # a multi-slice volume keeps the spacing rule (thick axis 2 of brain MR)
+    multi = volume_slices([{"image": str(sample_dir / "nifti" / "brain2.nii.gz"), "subject": "b", "modality": "MR"}],
+                          _volume_transform(), progress=False)
+    assert len(multi) > 1 and {sl["slice_axis"] for sl in multi} == {2}
 
 
 @pytest.mark.skipif(CT5N is None or not CT5N.is_dir(), reason="pydicom test files not installed")

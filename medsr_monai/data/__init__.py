@@ -3,7 +3,7 @@
 Public API::
 
     fetch_samples(out_dir="data/samples", cache_dir=None, force=False, progress=True) -> Path
-    check_volume(path, expect_ndim=3) -> dict            # raises VolumeError
+    check_volume(path, expect_ndim=3, allow_single_slice=False) -> dict  # raises VolumeError
     load_datalist(path_or_dir, split) -> list[dict]      # raises DatalistError
     file_sha256(path) -> str;  datalist_sha256(path_or_dir) -> str
     index_folder(folder, out=None, seed=0, val_fraction=0.2, test_fraction=0.2, modality=None) -> dict
@@ -37,6 +37,6 @@ __all__ = [
 ]
 
 # in-plane slicing of volumes (owned by the training side; kept last so edits above don't collide)
-from .slices import slice_axis_from_spacing, volume_slices  # noqa: E402
+from .slices import slice_axis, slice_axis_from_spacing, volume_slices  # noqa: E402
 
-__all__ += ["slice_axis_from_spacing", "volume_slices"]
+__all__ += ["slice_axis", "slice_axis_from_spacing", "volume_slices"]

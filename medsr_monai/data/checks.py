@@ -267,8 +267,18 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
         raise VolumeError(p, f"unreadable or corrupt file ({type(exc).__name__}: {exc})") from exc
 
 
-def check_array(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, expect_ndim: int = 3) -> dict:
-    """Check an already loaded array; return the info dict of :func:`check_volume`."""
+def check_array(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
+    expect_ndim: int = 3,
+    allow_single_slice: bool = False,
+) -> dict:
+    """Check an already loaded array; return the info dict of :func:`check_volume`.
+
+    With ``allow_single_slice`` a 3D volume with exactly one singleton axis (one 2D slice stored
+    as a volume, e.g. shape ``(512, 512, 1)``) passes; by default every axis needs >= 2 voxels.
+    """
     data = np.asarray(data)
     shape = tuple(int(s) for s in data.shape)
     # drop trailing singleton dims beyond the expected ones (e.g. NIfTI (X, Y, Z, 1))
@@ -281,7 +291,9 @@ def check_array(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, e
             path, f"is {data.ndim}D (shape {shape}), expected a {expect_ndim}D volume (extra dims must be singleton)"
         )
     if expect_ndim == 3 and min(data.shape) < 2:
-        raise VolumeError(path, f"is effectively 2D (shape {shape}): a 3D volume needs >= 2 voxels on every axis")
+        n_single = sum(1 for s in data.shape if s < 2)
+        if not (allow_single_slice and n_single == 1 and min(data.shape) == 1):
+            raise VolumeError(path, f"is effectively 2D (shape {shape}): a 3D volume needs >= 2 voxels on every axis")
     if data.dtype.kind not in "biuf":
         raise VolumeError(path, f"unsupported voxel type {data.dtype}")
     if data.dtype.kind == "f":
@@ -308,15 +320,17 @@ def check_array(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, e
     }
 
 
-def check_volume(path: str | os.PathLike, expect_ndim: int = 3) -> dict:
+def check_volume(path: str | os.PathLike, expect_ndim: int = 3, allow_single_slice: bool = False) -> dict:
     """Load and check a volume; return ``{path, format, shape, spacing, dtype, min, max, affine}``.
 
     Raises :class:`VolumeError` (message names the file and the problem) for: missing
     file, unreadable / corrupt / truncated file, wrong dimensionality (2D; 4D unless the
     extra trailing dims are singleton), NaN/Inf voxels, a constant image.
+    A 3D volume with a singleton axis (a single slice, e.g. ``(512, 512, 1)``) is rejected
+    as effectively 2D unless ``allow_single_slice`` (then exactly one singleton axis is allowed).
     Accepts ``.nii``, ``.nii.gz``, ``.nrrd``/``.nhdr`` and DICOM series folders.
     """
     data, affine, meta = load_volume(path)
-    info = check_array(path, data, affine, expect_ndim=expect_ndim)
+    info = check_array(path, data, affine, expect_ndim=expect_ndim, allow_single_slice=allow_single_slice)
     info["format"] = meta["format"]
     return info

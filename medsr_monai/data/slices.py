@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_volume
 
-__all__ = ["slice_axis_from_spacing", "volume_slices"]
+__all__ = ["slice_axis", "slice_axis_from_spacing", "volume_slices"]
 
 
 def slice_axis_from_spacing(spacing: Sequence[float], rtol: float = 0.05) -> int:
@@ -36,6 +36,18 @@ def slice_axis_from_spacing(spacing: Sequence[float], rtol: float = 0.05) -> int
     spacing = [float(s) for s in spacing]
     coarsest = max(spacing)
     return max(i for i, s in enumerate(spacing) if np.isclose(s, coarsest, rtol=rtol))
+
+
+def slice_axis(shape: Sequence[int], spacing: Sequence[float]) -> int:
+    """The slice axis of a volume: its singleton axis if it is a single slice stored as a volume (e.g.
+    ``(512, 512, 1)``, whatever its often nominal spacing says), else :func:`slice_axis_from_spacing`.
+
+    Example:
+        >>> slice_axis((512, 512, 1), [0.5, 0.5, 0.4])
+        2
+    """
+    singleton = [i for i, n in enumerate(shape) if n == 1]
+    return singleton[0] if len(singleton) == 1 else slice_axis_from_spacing(spacing)
 
 
 def volume_slices(
@@ -70,7 +82,11 @@ def volume_slices(
         check: first run :func:`~medsr_monai.data.check_volume` on each file, so that a truncated or corrupt
             file, a 2D or 4D image, NaN/Inf voxels or a constant image fail with a message naming the file
             (:class:`~medsr_monai.data.VolumeError`) instead of an obscure loader error or "no slice with
-            foreground". Reads each file twice; set False for data already checked.
+            foreground". Reads each file twice; set False for data already checked. A single slice stored
+            as a 3D volume (one singleton axis, e.g. ``(512, 512, 1)``) is accepted.
+
+    The slice axis is the coarsest-spacing axis (:func:`slice_axis_from_spacing`), except for a volume with
+    exactly one singleton axis: that axis is the slice axis and the volume gives (at most) one slice.
 
     Returns:
         One dict per slice: ``out_key`` (float32 tensor ``(C, H, W)``), ``fg`` (uint8 foreground mask,
@@ -79,13 +95,13 @@ def volume_slices(
     slices: list[dict[str, Any]] = []
     for item in tqdm(items, desc="slicing volumes", disable=not progress, leave=False):
         if check and isinstance(item.get(key), (str, os.PathLike)):
-            check_volume(item[key])
+            check_volume(item[key], allow_single_slice=True)
         d = volume_transform(dict(item))
         vol = d[key]
         spacing = [float(s) for s in getattr(vol, "pixdim", [1.0, 1.0, 1.0])]
         if vol.ndim != 4:
             raise ValueError(f"{item.get(key, item)}: expected a channel-first 3D volume, got shape {tuple(vol.shape)}")
-        axis = slice_axis_from_spacing(spacing)
+        axis = slice_axis(vol.shape[1:], spacing)
         arr = torch.as_tensor(np.asarray(vol), dtype=torch.float32).movedim(axis + 1, -1)
         in_plane = [s for i, s in enumerate(spacing) if i != axis]
         h, w = arr.shape[1] - arr.shape[1] % crop_multiple, arr.shape[2] - arr.shape[2] % crop_multiple

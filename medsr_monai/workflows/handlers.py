@@ -69,7 +69,8 @@ class SRMetricsHandler:
 
     Results go into ``engine.state.metrics`` as ``{prefix}{method}_{psnr|ssim}`` and
     ``{prefix}{group}_{method}_{psnr|ssim}`` (``method`` is ``sr`` for the model), plus
-    ``{prefix}{baseline}_gain_db`` and ``{prefix}{group}_{baseline}_gain_db``: the mean per-slice PSNR
+    ``{prefix}balanced_{psnr|ssim}`` (the mean over groups of each group's mean, so that every modality
+    counts equally in checkpoint selection), ``{prefix}{baseline}_gain_db`` and ``{prefix}{group}_{baseline}_gain_db``: the mean per-slice PSNR
     gain of the model over the baseline, on the slices that have that baseline (``zerofill`` exists for
     MR only); per-slice rows are kept in ``engine.state.sr_records`` and optionally written to
     ``csv_path`` / ``json_path``.
@@ -133,6 +134,13 @@ class SRMetricsHandler:
                 acc[f"{r['method']}_{metric}"].append(r[metric])
                 acc[f"{r['group']}_{r['method']}_{metric}"].append(r[metric])
         out = {f"{self.prefix}{k}": float(np.mean(v)) for k, v in acc.items()}
+        # modality-balanced score for checkpoint selection: each group (modality) counts equally, however
+        # many slices it has (e.g. 24 MR slices vs 2 CT slices in the sample validation split)
+        groups = sorted({r["group"] for r in self.records})
+        for metric in ("psnr", "ssim"):
+            means = [out[f"{self.prefix}{g}_sr_{metric}"] for g in groups if f"{self.prefix}{g}_sr_{metric}" in out]
+            if means:
+                out[f"{self.prefix}balanced_{metric}"] = float(np.mean(means))
         # gains are paired per slice: a baseline present on some slices only (zerofill: MR) is compared with the
         # model on those slices, not with the model's mean over every slice
         for k in self.baseline_keys:
@@ -161,7 +169,8 @@ class SRMetricsHandler:
 
 
 class SRGridHandler:
-    """Save a PNG grid LR | baseline | SR | HR for the first ``num_images`` items of each evaluation.
+    """Save a PNG grid LR | baseline | SR | HR of ``num_images`` items of each evaluation (round-robin over
+    modalities, first items of each).
 
     Args:
         output_dir: folder for ``grid_epoch{N:04d}.png`` (N: the engine's epoch, which MONAI's
@@ -176,35 +185,48 @@ class SRGridHandler:
         self.output_dir = Path(output_dir)
         self.num_images, self.baseline_key, self.image_key = num_images, baseline_key, image_key
         self.pred_key, self.label_key = pred_key, label_key
-        self.rows: list[dict[str, Any]] = []
+        self.by_group: dict[str, list[dict[str, Any]]] = {}
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.by_group.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def collect(self, engine: Engine) -> None:
         for item in sr_items(engine):
-            if len(self.rows) >= self.num_images:
-                return
+            group = self.by_group.setdefault(str(item.get("modality", "")), [])
+            if len(group) >= self.num_images:
+                continue
             row = {"title": f"{item.get('subject', '')} {item.get('modality', '')} #{item.get('slice_index', '')}"}
             for name, key in (("LR", self.image_key), (self.baseline_key, self.baseline_key), ("SR", self.pred_key),
                               ("HR", self.label_key)):
                 if key in item:
                     row[name] = np.asarray(torch.as_tensor(item[key]).detach().float().cpu())[0]
-            self.rows.append(row)
+            group.append(row)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """Up to ``num_images`` rows, taken round-robin from each modality so that every one is shown."""
+        rows: list[dict[str, Any]] = []
+        queues = [list(g) for g in self.by_group.values()]
+        while len(rows) < self.num_images and any(queues):
+            for q in queues:
+                if q and len(rows) < self.num_images:
+                    rows.append(q.pop(0))
+        return rows
 
     def save(self, engine: Engine) -> Path | None:
-        if not self.rows:
+        rows = self.rows
+        if not rows:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        cols = [c for c in ("LR", self.baseline_key, "SR", "HR") if c in self.rows[0]]
-        fig, axes = plt.subplots(len(self.rows), len(cols), figsize=(3 * len(cols), 3 * len(self.rows)), squeeze=False)
-        for r, row in enumerate(self.rows):
+        cols = [c for c in ("LR", self.baseline_key, "SR", "HR") if c in rows[0]]
+        fig, axes = plt.subplots(len(rows), len(cols), figsize=(3 * len(cols), 3 * len(rows)), squeeze=False)
+        for r, row in enumerate(rows):
             hr = row.get("HR")
             for c, name in enumerate(cols):
                 ax = axes[r][c]

@@ -2,9 +2,9 @@
 
 MONAI's evaluators assume the prediction lives on the input grid; an SR output lives on a finer grid,
 its intensities must go back to the input's units (HU stays HU) and its affine must change with the
-spacing. :class:`VolumeSuperResolver` does that around MONAI's ``LoadImage`` and ``SliceInferer``
-(2D network over the slices of a volume, sliding window within each slice, so memory is bounded by
-``roi_size`` x ``sw_batch_size`` on the LR side plus the output volume).
+spacing. :class:`VolumeSuperResolver` does that around medsr's ``load_volume`` (NIfTI, NRRD or a DICOM
+series) and MONAI's ``SliceInferer`` (2D network over the slices of a volume, sliding window within each
+slice, so memory is bounded by ``roi_size`` x ``sw_batch_size`` on the LR side plus the output volume).
 
 Grid convention: the LR input voxel ``i`` is taken to sit at output voxel ``s*i`` ("corner", what
 k-space truncation and decimation produce). The output affine is therefore the input affine with
@@ -25,14 +25,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import SliceInferer
-from monai.transforms import LoadImage
 from tqdm.auto import tqdm
 
-from medsr_monai.data.slices import slice_axis_from_spacing
+from medsr_monai.data.slices import slice_axis
 
 __all__ = ["VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir", "file_sha256"]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -57,7 +56,8 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
 
 
 def resolve_inputs(source: str | os.PathLike | Sequence[str], split: str | None = None) -> list[dict[str, Any]]:
-    """Volumes to process from a NIfTI file, a folder of NIfTI files, or a datalist (all splits or ``split``).
+    """Volumes to process: a NIfTI/NRRD file, a folder of them, a DICOM series folder (or a folder of series
+    folders), or a datalist (all splits, or ``split``).
 
     Returns ``[{"image": path, ...}]``; raises ``FileNotFoundError``/``ValueError`` naming the source.
     """
@@ -67,11 +67,18 @@ def resolve_inputs(source: str | os.PathLike | Sequence[str], split: str | None 
     if not p.exists():
         raise FileNotFoundError(f"inference input {p} does not exist")
     if p.is_dir() and not (p / "datalist.json").is_file():
-        files = sorted(f for f in p.iterdir() if f.name.endswith(NIFTI_SUFFIXES))
-        if not files:
-            raise ValueError(f"inference input folder {p} holds no NIfTI (.nii/.nii.gz) files")
-        return [{"image": str(f)} for f in files]
-    if p.name.endswith(NIFTI_SUFFIXES):
+        from medsr_monai.data.checks import is_dicom_file
+
+        files = sorted(f for f in p.iterdir() if f.name.endswith(VOLUME_SUFFIXES))
+        if files:
+            return [{"image": str(f)} for f in files]
+        if any(is_dicom_file(f) for f in p.iterdir() if f.is_file()):
+            return [{"image": str(p)}]  # the folder is one DICOM series
+        series = sorted(d for d in p.iterdir() if d.is_dir() and any(is_dicom_file(f) for f in d.iterdir()))
+        if series:
+            return [{"image": str(d)} for d in series]
+        raise ValueError(f"inference input folder {p} holds no NIfTI/NRRD files and no DICOM series")
+    if p.name.endswith(VOLUME_SUFFIXES):
         return [{"image": str(p)}]
     from medsr_monai.data import load_datalist
 
@@ -88,11 +95,11 @@ def resolve_inputs(source: str | os.PathLike | Sequence[str], split: str | None 
     return items
 
 
-def sr_affine(affine: np.ndarray, scale: int, slice_axis: int) -> np.ndarray:
+def sr_affine(affine: np.ndarray, scale: int, slice_dim: int) -> np.ndarray:
     """Affine of the SR output: in-plane voxel vectors divided by ``scale``, origin kept (corner grid)."""
     out = np.array(affine, dtype=np.float64, copy=True)
     for ax in range(3):
-        if ax != slice_axis:
+        if ax != slice_dim:
             out[:3, ax] /= scale
     return out
 
@@ -132,7 +139,6 @@ class VolumeSuperResolver:
         self.normalizer_kwargs = dict(normalizer_kwargs or {})
         self.bundle_name, self.bundle_version = bundle_name, bundle_version
         self.device, self.output_postfix, self.progress = torch.device(device), output_postfix, progress
-        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
 
     def load_weights(self) -> str | None:
         if not self.checkpoint:
@@ -153,8 +159,28 @@ class VolumeSuperResolver:
             m = "CT" if float(vol.min()) < -500 else "MR"
         return "MR" if m == "MRI" else m
 
+    def _super_resolve(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """SR of a normalised ``(1, X, Y, Z)`` volume along its in-plane axes (all but ``axis``)."""
+        from medsr_monai.networks import InterpolationSR
+
+        # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
+        # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
+        inferer = SliceInferer(spatial_dim=axis, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
+                               overlap=self.overlap, mode="gaussian", padding_mode="replicate", progress=False)
+        net = self.network
+        x = x.to(self.device)
+        if not (isinstance(net, InterpolationSR) and net.residual):
+            return inferer(x[None], net)[0].cpu()
+        # Interpolating each window on its own re-extrapolates at every window edge, and blending does not
+        # hide those seams; so interpolate whole slices once and blend only the learned residual.
+        slices = x.movedim(axis + 1, 0)  # (S, 1, h, w): the slices as a batch
+        base = torch.cat([net.interpolate(chunk) for chunk in slices.split(self.sw_batch_size)]).movedim(0, axis + 1)
+        residual = inferer(x[None], lambda t: net(t) - net.interpolate(t))[0]
+        return (base + residual).cpu()
+
     def run(self) -> list[Path]:
-        from medsr_monai.data import check_volume
+        from medsr_monai.data import load_volume
+        from medsr_monai.data.checks import check_array
         from medsr_monai.transforms import ModalityNormalize, denormalize
 
         items = resolve_inputs(self.inputs)
@@ -164,29 +190,34 @@ class VolumeSuperResolver:
         written = []
         for item in tqdm(items, desc="super-resolving volumes", disable=not self.progress):
             src = Path(item["image"])
-            check_volume(src)
-            vol = self.loader(str(src))
+            data, affine_in, meta = load_volume(src)  # NIfTI, NRRD or a DICOM series; errors name the file
+            check_array(src, data, affine_in, allow_single_slice=True)  # 3D (or one slice), finite, not constant
+            data = np.asarray(data)
+            data = data.reshape(data.shape[:3])  # drop singleton trailing dims that check_array allows
+            vol = torch.as_tensor(data.astype(np.float32))[None]
+            dicom_modality = meta.get("Modality", "").upper()
+            if dicom_modality in ("CT", "MR") and not item.get("modality"):
+                item = {**item, "modality": dicom_modality}
             modality = self._modality(item, vol)
             normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
-            x = normalizer(vol.float())
+            x = torch.as_tensor(normalizer(vol))
             lo, hi = normalizer.last_range
-            spacing = [float(s) for s in vol.pixdim[:3]]
-            axis = slice_axis_from_spacing(spacing)
-            # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
-            # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
-            inferer = SliceInferer(spatial_dim=axis, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
-                                   overlap=self.overlap, mode="gaussian", padding_mode="replicate", progress=False)
+            spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
+            axis = slice_axis(data.shape, spacing)
             with torch.no_grad():
-                y = inferer(torch.as_tensor(x)[None].to(self.device), self.network)[0]
-            y = denormalize(y.cpu(), lo, hi).numpy()[0]
-            affine = sr_affine(np.asarray(vol.affine), self.scale, axis)
-            src_dtype = nib.load(str(src)).get_data_dtype()
-            if np.issubdtype(src_dtype, np.integer):
-                info = np.iinfo(src_dtype)
-                y = np.clip(np.rint(y), info.min, info.max).astype(src_dtype)
+                y = self._super_resolve(x, axis)
+            y = denormalize(y, lo, hi).numpy()[0]
+            if np.issubdtype(data.dtype, np.integer):
+                info = np.iinfo(data.dtype)
+                y = np.clip(np.rint(y), info.min, info.max).astype(data.dtype)
             else:
                 y = y.astype(np.float32)
-            stem = src.name[: -len(".nii.gz")] if src.name.endswith(".nii.gz") else src.stem
+            affine = sr_affine(np.asarray(affine_in), self.scale, axis)
+            stem = src.name
+            for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
             out = out_dir / f"{stem}_{self.output_postfix}.nii.gz"
             img = nib.Nifti1Image(y, affine)
             img.header.set_xyzt_units("mm", "sec")
@@ -195,8 +226,9 @@ class VolumeSuperResolver:
                 "bundle": self.bundle_name, "bundle_version": self.bundle_version,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
                 "scale": self.scale, "grid": "corner", "slice_axis": axis, "modality": modality,
-                "input": str(src), "input_shape": list(vol.shape[1:]), "input_spacing_mm": spacing,
-                "output_shape": list(y.shape), "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]],
+                "input": str(src), "input_format": meta.get("format"), "input_shape": list(data.shape),
+                "input_spacing_mm": spacing, "output_shape": list(y.shape),
+                "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]],
                 "normalization_range": [float(lo), float(hi)], "roi_size": list(self.roi_size),
                 "sw_batch_size": self.sw_batch_size, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             }
