@@ -55,14 +55,23 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int,
     raise ValueError(f"lr_schedule={name!r} is not supported; choose one of {SCHEDULES}")
 
 
-def check_training_config(scale: int, patch_size: int, batch_size: int, max_epochs: int, **_: Any) -> bool:
-    """Reject values that would fail later with an obscure message (called from ``initialize``)."""
+def check_training_config(scale: int, patch_size: int, batch_size: int, max_epochs: int, patches_per_slice: int = 1,
+                          **_: Any) -> bool:
+    """Reject values that would fail later with an obscure message (called from ``initialize``).
+
+    ``batch_size`` counts HR patches per optimizer step; each slice drawn gives ``patches_per_slice`` of them,
+    so the data loader takes ``batch_size // patches_per_slice`` slices per step.
+    """
     if int(scale) not in (2, 3, 4):
         raise ValueError(f"scale={scale}: supported in-plane factors are 2, 3 and 4")
     if patch_size % scale:
         raise ValueError(
             f"patch_size={patch_size} is not divisible by scale={scale}: the HR patch must hold a whole number "
             f"of LR pixels; use e.g. patch_size={patch_size - patch_size % scale}"
+        )
+    if patches_per_slice < 1 or batch_size % patches_per_slice:
+        raise ValueError(
+            f"batch_size={batch_size} (patches per step) must be a multiple of patches_per_slice={patches_per_slice}"
         )
     if batch_size < 1 or max_epochs < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_epochs ({max_epochs}) must be >= 1")
