@@ -231,15 +231,31 @@ def stage_train(bundle: str, args, res: dict, env: dict[str, str], stamp: str) -
         raise FileNotFoundError(f"training finished without a best checkpoint {model}")
     info["checkpoint"] = str(model)
     info.update(training_history(bundle, run_name, epoch_length, env["MLFLOW_TRACKING_URI"]))
-    cfg = json.loads((REPO / bdir / "configs" / "train.json").read_text())
-    pps = args.patches_per_slice or cfg["patches_per_slice"]
-    info["batch"] = {"slices_per_batch": cfg["batch_size"], "patches_per_slice": pps,
-                     "patches_per_iteration": cfg["batch_size"] * pps, "hr_patch": cfg["patch_size"],
-                     "lr_patch": cfg["patch_size"] // cfg["scale"]}
+    info["batch"] = batch_info(bundle, args.patches_per_slice)
     log(f"[train {bundle}] {info.get('iterations')} iterations / {info.get('epochs_validated')} validations in "
         f"{budget_s} s budget (process {info['process_wall_s']:.0f} s); best {info.get('checkpoint_metric')} "
         f"{info.get('best_val')} at epoch {info.get('best_epoch')}; loss trend: "
         f"{info.get('loss_trend', {}).get('verdict')}")
+
+
+def batch_info(bundle: str, patches_per_slice: int = 0) -> dict[str, Any]:
+    """Slices per loader batch (the loader's batch_size expression, evaluated) x patches per slice."""
+    import throughput
+
+    overrides = {"patches_per_slice": patches_per_slice} if patches_per_slice else {}
+    parser = throughput.bundle_parser(bundle, overrides)
+    slices = int(parser.get_parsed_content("train#dataloader#batch_size"))
+    pps = int(parser.get_parsed_content("patches_per_slice"))
+    patch, scale = int(parser.get_parsed_content("patch_size")), int(parser.get_parsed_content("scale"))
+    return {"slices_per_batch": slices, "patches_per_slice": pps, "patches_per_iteration": slices * pps,
+            "hr_patch": patch, "lr_patch": patch // scale, "config_batch_size": parser.get_parsed_content("batch_size")}
+
+
+def measured_patches_per_iteration(res: dict, bundle: str) -> int | None:
+    """The largest batch the throughput stage saw (the last batch of a loader pass can be smaller)."""
+    recs = res.get("throughput", {}).get(bundle, {}).get("variants", {}).get("plain", {})
+    recs = recs.get("per_iteration_wall_cpu_images") or []
+    return max((int(r[2]) for r in recs), default=None)
 
 
 def checkpoint_metric(bundle: str) -> str:
@@ -505,11 +521,17 @@ def render_md(res: dict, args) -> str:
         "(except `max_epochs` 100000, so the cosine LR schedule is effectively constant, and `epoch_length`).",
     ]
     for b, t in tr.items():
-        bt = t.get("batch", {})
+        bt = dict(t.get("batch", {}))
+        measured = measured_patches_per_iteration(res, b)
+        if measured and bt.get("patches_per_slice") and measured != bt.get("patches_per_iteration"):
+            # an older version of this script assumed batch_size slices per step; trust the measured batches
+            bt.update(patches_per_iteration=measured, slices_per_batch=measured // bt["patches_per_slice"])
         lines.append(f"  - {b}: epoch_length {t.get('epoch_length')} iterations ({t.get('epoch_length_from')}); "
                      f"{bt.get('slices_per_batch')} slices x {bt.get('patches_per_slice')} patches = "
                      f"{bt.get('patches_per_iteration')} HR patches {bt.get('hr_patch')}^2 (LR {bt.get('lr_patch')}^2) "
-                     f"per iteration; {t.get('iterations')} iterations, {t.get('epochs_validated')} validations; "
+                     f"per iteration; {t.get('iterations')} iterations "
+                     f"({fmt((t.get('iterations') or 0) * (bt.get('patches_per_iteration') or 0), 0)} patches), "
+                     f"{t.get('epochs_validated')} validations; "
                      f"best checkpoint: epoch {t.get('best_epoch')} by {t.get('checkpoint_metric', 'val_psnr')} "
                      f"{fmt(t.get('best_val', t.get('best_val_psnr')), 3)} dB ("
                      + ", ".join(f"val {g} SR {fmt(t.get(f'best_val_{g}_sr_psnr'), 3)} vs bicubic "
@@ -590,11 +612,13 @@ def render_md(res: dict, args) -> str:
                   "from train.json for every variant."]
     if inf:
         lines += ["", "## Inference (inference.json runner, in-process, Python start-up excluded)", "",
-                  "| bundle | volume | input shape | output shape | seconds |", "|---|---|---|---|---|"]
+                  "| bundle | volume | input shape | output shape | roi_size / sw_batch_size | seconds |",
+                  "|---|---|---|---|---|---|"]
         for b, r in inf.items():
             for name, v in r.get("volumes", {}).items():
                 sub = f" (central {v['subset_slices']} slices only)" if v.get("subset_slices") else ""
-                lines.append(f"| {b} | {name}{sub} | {v['input_shape']} | {v['output_shape']} | {v['seconds']:.1f} |")
+                lines.append(f"| {b} | {name}{sub} | {v['input_shape']} | {v['output_shape']} | "
+                             f"{v.get('roi_size')} / {v.get('sw_batch_size')} | {v['seconds']:.1f} |")
     for u in res.get("updates", []):
         lines += ["", f"Updated {u['date']}: stages {u['stages']} for {u['bundles']} re-run (git {u['git'].get('commit')}, "
                   f"load at start {u['machine'].get('loadavg_at_start')})."]
