@@ -165,7 +165,10 @@ class VolumeSuperResolver:
 
         # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
         # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
-        inferer = SliceInferer(spatial_dim=axis, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
+        # a window larger than the slice would be padded up to roi_size: wasted work (4x for 256^2 in 512^2)
+        in_plane = [n for i, n in enumerate(x.shape[1:]) if i != axis]
+        roi = [min(r, n) for r, n in zip(self.roi_size, in_plane)]
+        inferer = SliceInferer(spatial_dim=axis, roi_size=roi, sw_batch_size=self.sw_batch_size,
                                overlap=self.overlap, mode="gaussian", padding_mode="replicate", progress=False)
         net = self.network
         x = x.to(self.device)
