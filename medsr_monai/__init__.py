@@ -4,7 +4,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "networks", "tracking", "transforms", "workflows")
+_SUBPACKAGES = ("data", "losses", "metrics", "networks", "tracking", "transforms", "workflows")
 
 
 def __getattr__(name: str):

@@ -40,3 +40,7 @@ __all__ = [
 from .slices import slice_axis, slice_axis_from_spacing, volume_slices  # noqa: E402
 
 __all__ += ["slice_axis", "slice_axis_from_spacing", "volume_slices"]
+
+from .domains import domain_items, select_items  # noqa: E402
+
+__all__ += ["domain_items", "select_items"]

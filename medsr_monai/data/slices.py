@@ -62,6 +62,7 @@ def volume_slices(
     max_slices_per_volume: int | None = None,
     progress: bool = True,
     check: bool = True,
+    extra_keys: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Load, normalise and cut each volume into in-plane 2D slices.
 
@@ -84,6 +85,9 @@ def volume_slices(
             (:class:`~medsr_monai.data.VolumeError`) instead of an obscure loader error or "no slice with
             foreground". Reads each file twice; set False for data already checked. A single slice stored
             as a 3D volume (one singleton axis, e.g. ``(512, 512, 1)``) is accepted.
+        extra_keys: further volume keys of the transformed item with the same shape as ``key`` (e.g. a
+            low-dose copy made by ``volume_transform``), cut into the same slices and stored under their own
+            names; foreground and slice selection come from ``key`` alone.
 
     The slice axis is the coarsest-spacing axis (:func:`slice_axis_from_spacing`), except for a volume with
     exactly one singleton axis: that axis is the slice axis and the volume gives (at most) one slice.
@@ -106,6 +110,12 @@ def volume_slices(
         in_plane = [s for i, s in enumerate(spacing) if i != axis]
         h, w = arr.shape[1] - arr.shape[1] % crop_multiple, arr.shape[2] - arr.shape[2] % crop_multiple
         arr = arr[:, :h, :w]
+        extras = {}
+        for ek in extra_keys:
+            if tuple(d[ek].shape) != tuple(vol.shape):
+                raise ValueError(f"{item.get(key, item)}: {ek!r} has shape {tuple(d[ek].shape)}, "
+                                 f"{key!r} has {tuple(vol.shape)}")
+            extras[ek] = torch.as_tensor(np.asarray(d[ek]), dtype=torch.float32).movedim(axis + 1, -1)[:, :h, :w]
         fg = arr > foreground_threshold
         frac = fg.flatten(0, 2).float().mean(0)
         keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground]
@@ -115,6 +125,7 @@ def volume_slices(
         for k in keep:
             slices.append({
                 **extra,
+                **{ek: ev[..., k].contiguous() for ek, ev in extras.items()},
                 out_key: arr[..., k].contiguous(),
                 "fg": fg[..., k].to(torch.uint8).contiguous(),
                 "slice_index": k,

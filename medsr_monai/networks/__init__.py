@@ -1,7 +1,10 @@
-"""Super-resolution network architectures (pure architecture, no training logic)."""
+"""Super-resolution and translation network architectures (pure architecture, no training logic)."""
 
+from .cyclegan import ResnetGenerator
+from .discriminators import PatchGANDiscriminator, SRGANDiscriminator
 from .edsr import EDSR, EDSR_VARIANTS, EDSRResBlock
 from .srcnn import SRCNN, SRCNN_CONFIGS
+from .srresnet import SRResBlock, SRResNet
 from .wrappers import InterpolationSR, find_last_conv
 
 __all__ = [
@@ -9,7 +12,12 @@ __all__ = [
     "EDSR_VARIANTS",
     "EDSRResBlock",
     "InterpolationSR",
+    "PatchGANDiscriminator",
+    "ResnetGenerator",
     "SRCNN",
     "SRCNN_CONFIGS",
+    "SRGANDiscriminator",
+    "SRResBlock",
+    "SRResNet",
     "find_last_conv",
 ]

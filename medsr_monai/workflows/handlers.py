@@ -81,14 +81,18 @@ class SRMetricsHandler:
         pred_key, label_key: output keys of the prediction and the HR reference.
         prefix: prefix of the metric names (``val_`` in training, ``test_`` in evaluation).
         csv_path, json_path: where to write per-slice rows and the summary at epoch end.
+        sharpness: also score :func:`~medsr_monai.metrics.gmsd` (lower is better) and
+            :func:`~medsr_monai.metrics.sharpness_ratio` (1 = as sharp as the reference), for methods that
+            trade PSNR for texture (SRGAN, CycleGAN).
     """
 
     def __init__(self, baseline_keys=("bicubic", "zerofill"), group_key: str = "modality", pred_key: str = "pred",
                  label_key: str = "label", prefix: str = "val_", csv_path: str | None = None,
-                 json_path: str | None = None, spatial_dims: int = 2):
+                 json_path: str | None = None, spatial_dims: int = 2, sharpness: bool = False):
         self.baseline_keys = tuple(baseline_keys)
         self.group_key, self.pred_key, self.label_key, self.prefix = group_key, pred_key, label_key, prefix
         self.csv_path, self.json_path = csv_path, json_path
+        self.sharpness = sharpness
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0)
         self.records: list[dict[str, Any]] = []
@@ -103,10 +107,16 @@ class SRMetricsHandler:
         self.records = []
         self._paired = []
 
-    def _score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def _score(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         x = x.detach().float().clamp(0, 1)[None]
         y = y.detach().float()[None]
-        return float(self.psnr(x, y).mean()), float(self.ssim(x, y).mean())
+        scores = {"psnr": float(self.psnr(x, y).mean()), "ssim": float(self.ssim(x, y).mean())}
+        if self.sharpness:
+            from medsr_monai.metrics import gmsd, sharpness_ratio
+
+            scores["gmsd"] = float(gmsd(x, y).mean())
+            scores["sharpness"] = float(sharpness_ratio(x, y).mean())
+        return scores
 
     def iteration_completed(self, engine: Engine) -> None:
         for item in sr_items(engine):
@@ -122,15 +132,17 @@ class SRMetricsHandler:
             for method, img in sources.items():
                 if img is None:
                     continue
-                p, s = self._score(torch.as_tensor(img), label)
-                psnrs[method] = p
-                self.records.append({**base, "method": method, "psnr": p, "ssim": s})
+                scores = self._score(torch.as_tensor(img), label)
+                psnrs[method] = scores["psnr"]
+                self.records.append({**base, "method": method, **scores})
             self._paired.append((base["group"], psnrs))
 
     def summary(self) -> dict[str, float]:
         acc: dict[str, list[float]] = defaultdict(list)
         for r in self.records:
-            for metric in ("psnr", "ssim"):
+            for metric in ("psnr", "ssim", "gmsd", "sharpness"):
+                if metric not in r:
+                    continue
                 acc[f"{r['method']}_{metric}"].append(r[metric])
                 acc[f"{r['group']}_{r['method']}_{metric}"].append(r[metric])
         out = {f"{self.prefix}{k}": float(np.mean(v)) for k, v in acc.items()}
@@ -176,14 +188,17 @@ class SRGridHandler:
         output_dir: folder for ``grid_epoch{N:04d}.png`` (N: the engine's epoch, which MONAI's
             ``ValidationHandler`` sets to the trainer's epoch) and ``grid_latest.png``.
         num_images: rows in the grid.
-        baseline_key: batch key of the baseline column.
+        baseline_key: batch key of the baseline column, or a list of keys (one column each).
         image_key: batch key of the LR input (shown with nearest-neighbour enlargement).
     """
 
-    def __init__(self, output_dir: str, num_images: int = 4, baseline_key: str = "bicubic", image_key: str = "image",
+    def __init__(self, output_dir: str, num_images: int = 4, baseline_key: str | list[str] = "bicubic",
+                 image_key: str = "image",
                  pred_key: str = "pred", label_key: str = "label"):
         self.output_dir = Path(output_dir)
-        self.num_images, self.baseline_key, self.image_key = num_images, baseline_key, image_key
+        self.num_images, self.image_key = num_images, image_key
+        # one baseline column or several (e.g. bicubic and the pixel-loss SRResNet beside SRGAN)
+        self.baseline_keys = [baseline_key] if isinstance(baseline_key, str) else list(baseline_key)
         self.pred_key, self.label_key = pred_key, label_key
         self.by_group: dict[str, list[dict[str, Any]]] = {}
 
@@ -198,7 +213,7 @@ class SRGridHandler:
             if len(group) >= self.num_images:
                 continue
             row = {"title": f"{item.get('subject', '')} {item.get('modality', '')} #{item.get('slice_index', '')}"}
-            for name, key in (("LR", self.image_key), (self.baseline_key, self.baseline_key), ("SR", self.pred_key),
+            for name, key in (("LR", self.image_key), *((k, k) for k in self.baseline_keys), ("SR", self.pred_key),
                               ("HR", self.label_key)):
                 if key in item:
                     row[name] = np.asarray(torch.as_tensor(item[key]).detach().float().cpu())[0]
@@ -224,7 +239,7 @@ class SRGridHandler:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        cols = [c for c in ("LR", self.baseline_key, "SR", "HR") if c in rows[0]]
+        cols = [c for c in ("LR", *self.baseline_keys, "SR", "HR") if c in rows[0]]
         fig, axes = plt.subplots(len(rows), len(cols), figsize=(3 * len(cols), 3 * len(rows)), squeeze=False)
         for r, row in enumerate(rows):
             hr = row.get("HR")
@@ -238,13 +253,21 @@ class SRGridHandler:
                 ax.set_title(title, fontsize=9)
                 ax.axis("off")
             axes[r][0].text(0, -0.1, row["title"], transform=axes[r][0].transAxes, fontsize=8, va="top")
-        fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / f"grid_epoch{engine.state.epoch:04d}.png"
-        fig.savefig(path, dpi=80)
-        fig.savefig(self.output_dir / "grid_latest.png", dpi=80)
-        plt.close(fig)
-        return path
+        return save_epoch_figure(fig, self.output_dir, "grid", engine.state.epoch)
+
+
+def save_epoch_figure(fig, output_dir: str | Path, prefix: str, epoch: int) -> Path:
+    """Save a matplotlib figure as ``{prefix}_epoch{NNNN}.png`` and ``{prefix}_latest.png``; close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{prefix}_epoch{epoch:04d}.png"
+    fig.savefig(path, dpi=80)
+    fig.savefig(output_dir / f"{prefix}_latest.png", dpi=80)
+    plt.close(fig)
+    return path
 
 
 class ResumeHandler:
@@ -306,7 +329,8 @@ class StopOnNonFiniteLoss:
     """Fail the run with a clear error as soon as the training loss is NaN or Inf.
 
     Args:
-        output_transform: maps ``engine.state.output`` to the loss (default: ``output[0]["loss"]``).
+        output_transform: maps ``engine.state.output`` to the loss (default: ``output[0]["loss"]``), or to a
+            dict of loss terms (GAN workflows), each of which is checked.
         ckpt_dir: named in the message, where the last good checkpoint is.
     """
 
@@ -320,13 +344,17 @@ class StopOnNonFiniteLoss:
     def __call__(self, engine: Engine) -> None:
         out = engine.state.output
         loss = self.output_transform(out) if self.output_transform else _as_list(out)[0]["loss"]
-        value = float(loss)
-        if not math.isfinite(value):
+        # GAN workflows return every loss term; the first non-finite one is named
+        terms = loss if isinstance(loss, dict) else {"loss": loss}
+        bad = [(k, float(v)) for k, v in terms.items() if not math.isfinite(float(v))]
+        if bad:
+            name, value = bad[0]
+            what = f"training loss term {name!r}" if isinstance(loss, dict) else "training loss"
             where = ""
             if self.ckpt_dir:
                 saved = sorted(Path(self.ckpt_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
                 where = f"; the last good checkpoint is {saved[-1]}" if saved else "; no checkpoint was saved before it"
             raise FloatingPointError(
-                f"training loss became {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+                f"{what} became {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
                 f"{where}. Lower learning_rate, or check the data for NaN/Inf."
             )

@@ -11,11 +11,11 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_scheduler", "check_training_config", "LossProgressBar",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "DISCRIMINATORS", "make_discriminator", "unknown_direction", "make_optimizer", "make_scheduler", "check_training_config", "LossProgressBar",
            "count_parameters"]
 
 OPTIMIZERS = ("Adam", "AdamW", "RMSprop", "SGD")
-SCHEDULES = ("none", "cosine", "step", "exponential")
+SCHEDULES = ("none", "cosine", "step", "exponential", "linear_decay")
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
@@ -38,11 +38,25 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
 
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int, step_size: int | None = None,
-                   gamma: float = 0.5) -> torch.optim.lr_scheduler.LRScheduler:
+                   gamma: float = 0.5, decay_start: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """Epoch-level learning-rate schedule: ``none`` (constant), ``cosine`` (to 1 % of the start over
     ``max_epochs``), ``step`` (times ``gamma`` every ``step_size`` epochs, default max_epochs // 2;
-    the EDSR paper halves the rate at fixed intervals) or ``exponential`` (times ``gamma`` per epoch)."""
+    the EDSR paper halves the rate at fixed intervals), ``exponential`` (times ``gamma`` per epoch) or
+    ``linear_decay`` (CycleGAN: constant for ``decay_start`` epochs, default max_epochs // 2, then linearly
+    towards zero at ``max_epochs``).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> sched = make_scheduler("linear_decay", opt, max_epochs=4)
+        >>> [round(sched.get_last_lr()[0], 2) for _ in range(4) if sched.step() is None]
+        [1.0, 0.67, 0.33, 0.0]
+    """
     key = str(name).lower()
+    if key == "linear_decay":
+        start = max_epochs // 2 if decay_start is None else int(decay_start)
+        n_decay = max(1, max_epochs - start)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: 1.0 - max(0, e + 1 - start) / (n_decay + 1) if e + 1 > start else 1.0)
     if key == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if key == "cosine":
@@ -55,15 +69,39 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int,
     raise ValueError(f"lr_schedule={name!r} is not supported; choose one of {SCHEDULES}")
 
 
+DISCRIMINATORS = ("vgg", "patch")
+
+
+def make_discriminator(kind: str, spatial_dims: int = 2, in_channels: int = 1, features: int = 64,
+                       norm: str = "batch") -> torch.nn.Module:
+    """The adversarial bundles' discriminator by name: ``vgg`` (the SRGAN classifier,
+    :class:`~medsr_monai.networks.SRGANDiscriminator`) or ``patch`` (70x70 PatchGAN,
+    :class:`~medsr_monai.networks.PatchGANDiscriminator`)."""
+    from medsr_monai.networks import PatchGANDiscriminator, SRGANDiscriminator
+
+    key = str(kind).lower()
+    if key == "vgg":
+        return SRGANDiscriminator(spatial_dims=spatial_dims, in_channels=in_channels, features=features, norm=norm)
+    if key == "patch":
+        return PatchGANDiscriminator(spatial_dims=spatial_dims, in_channels=in_channels, channels=features,
+                                     norm=norm.upper())
+    raise ValueError(f"discriminator={kind!r} is not supported; choose one of {DISCRIMINATORS}")
+
+
+def unknown_direction(direction: str) -> bool:
+    """Raise for a translation direction other than ``AB`` / ``BA`` (called from inference configs)."""
+    raise ValueError(f"direction={direction!r}: use 'AB' (domain A -> B, model.pt) or 'BA' (B -> A, model_BA.pt)")
+
+
 def check_training_config(scale: int, patch_size: int, batch_size: int, max_epochs: int, patches_per_slice: int = 1,
-                          **_: Any) -> bool:
+                          allowed_scales: tuple[int, ...] = (2, 3, 4), **_: Any) -> bool:
     """Reject values that would fail later with an obscure message (called from ``initialize``).
 
     ``batch_size`` counts HR patches per optimizer step; each slice drawn gives ``patches_per_slice`` of them,
     so the data loader takes ``batch_size // patches_per_slice`` slices per step.
     """
-    if int(scale) not in (2, 3, 4):
-        raise ValueError(f"scale={scale}: supported in-plane factors are 2, 3 and 4")
+    if int(scale) not in allowed_scales:
+        raise ValueError(f"scale={scale}: supported in-plane factors are {', '.join(map(str, allowed_scales))}")
     if patch_size % scale:
         raise ValueError(
             f"patch_size={patch_size} is not divisible by scale={scale}: the HR patch must hold a whole number "
