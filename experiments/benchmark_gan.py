@@ -34,6 +34,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("srgan", "cyclegan")
+#: a method is ``bundle`` or ``bundle:variant``; its override file is ``configs/<bundle>_cpu[_<variant>].json``
 
 
 def log(msg: str) -> None:
@@ -63,12 +64,13 @@ def bundle_cmd(method: str, configs: list[str], overrides: dict[str, str]) -> li
     return cmd
 
 
-def bench(method: str, args, env: dict[str, str]) -> dict[str, Any]:
-    run_dir = args.runs_dir / method
+def bench(spec: str, args, env: dict[str, str]) -> dict[str, Any]:
+    method, _, variant = spec.partition(":")
+    run_dir = args.runs_dir / spec.replace(":", "_")
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    override = REPO / "experiments" / "configs" / f"{method}_cpu.json"
+    override = REPO / "experiments" / "configs" / f"{method}_cpu{'_' + variant if variant else ''}.json"
     paths = {"output_dir": expr_path(run_dir / "out"), "ckpt_dir": expr_path(run_dir / "models")}
     if method == "srgan" and args.srgan_pretrained:
         # adversarial phase only, from an SRResNet phase trained before (same override file, e.g. an interrupted run)
@@ -84,13 +86,13 @@ def bench(method: str, args, env: dict[str, str]) -> dict[str, Any]:
     weights = args.out / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     for f in (run_dir / "models").glob("*.pt"):
-        shutil.copy2(f, weights / f"{method}_{f.name}")
+        shutil.copy2(f, weights / f"{run_dir.name}_{f.name}")
     grids = sorted((run_dir / "out" / "evaluation" / "grids").glob("grid_latest.png"))
     for g in grids:
-        shutil.copy2(g, args.out / f"{method}_test_grid.png")
+        shutil.copy2(g, args.out / f"{run_dir.name}_test_grid.png")
     cycle = run_dir / "out" / "grids" / "cycle_latest.png"
     if cycle.exists():
-        shutil.copy2(cycle, args.out / f"{method}_train_cycles.png")
+        shutil.copy2(cycle, args.out / f"{run_dir.name}_train_cycles.png")
     return {"train_s": train_s, "eval_s": eval_s, "override": json.loads(override.read_text()), "metrics": metrics,
             "extra_overrides": {k: v for k, v in paths.items() if k not in ("output_dir", "ckpt_dir")}}
 
@@ -101,12 +103,13 @@ def fmt(x: Any, nd: int = 2, signed: bool = False) -> str:
 
 def render(res: dict[str, Any]) -> str:
     lines = [f"# Adversarial bundles on the sample data ({res['created']}, {res['machine']})", ""]
-    sg = res.get("srgan")
-    if sg:
+    for key in sorted(k for k in res if k.startswith("srgan")):
+        sg = res[key]
         m = sg["metrics"]
-        lines += ["## SRGAN x4 (test patients brain2 MR, lung2 CT)", "",
-                  f"Training {sg['train_s'] / 60:.1f} min (SRResNet phase then adversarial), evaluation "
-                  f"{sg['eval_s'] / 60:.1f} min.", "",
+        settings = ", ".join(f"{k}={v}" for k, v in sg["override"].items() if not k.startswith("_"))
+        lines += [f"## SRGAN x4, `{key}` (test patients brain2 MR, lung2 CT)", "",
+                  f"Settings: {settings}; extra: {sg.get('extra_overrides', {})}.", "",
+                  f"Training {sg['train_s'] / 60:.1f} min, evaluation {sg['eval_s'] / 60:.1f} min.", "",
                   "| method | modality | PSNR dB | SSIM | GMSD (lower better) | sharpness (1 = HR) |",
                   "|---|---|---|---|---|---|"]
         for mod in ("MR", "CT"):
@@ -140,7 +143,8 @@ def render(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="bundles to run: srgan, cyclegan, or bundle:variant for configs/<bundle>_cpu_<variant>.json")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "experiments" / "runs" / "gan")
     ap.add_argument("--srgan-pretrained", type=Path, default=None,

@@ -390,7 +390,8 @@ def test_cyclegan_bundle_train_evaluate_infer_both_directions(tiny_datalist, tmp
     assert proc.returncode == 0, tail(proc.stdout)
     m = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     assert math.isfinite(m["test_sr_psnr"]) and math.isfinite(m["test_lowdose_psnr"])
-    assert m["test_lowdose_psnr"] < 40  # the input really is noisy (simulated 25 % dose)
+    # the input really is noisy (simulated 25 % dose): below a clean copy and with extra gradient energy
+    assert m["test_lowdose_psnr"] < 50 and m["test_lowdose_sharpness"] > 1.05
     rows = (tmp_path / "out" / "evaluation" / "slices.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 6 and all("lung2" in row for row in rows[1:])  # held-out patient, every slice
 
@@ -485,3 +486,29 @@ def test_cyclegan_trains_on_two_user_folders(tiny_datalist, tmp_path):
     assert r.data.params["task"] == "unpaired translation of two user domains"
     assert not any(k.startswith("val_") for k in r.data.metrics)
     assert (tmp_path / "models" / "model_BA.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle, overrides, outputs", [
+    ("srgan", {**SRGAN_TINY, "max_epochs": 2}, ("model.pt", "srresnet.pt")),
+    ("cyclegan", {**CYCLEGAN_TINY, "max_epochs": 1}, ("model.pt", "model_BA.pt")),
+])
+def test_gan_multi_gpu_config_with_torchrun_gloo(bundle, overrides, outputs, tiny_datalist, tmp_path):
+    """Two processes (gloo on CPU): DDP-wrapped generators and discriminators, rank-0 checkpoints and tracking."""
+    import socket
+
+    from helpers import network_from_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           *bundle_cmd("run", bundle, ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist), **overrides)[1:]]
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
+    proc = run(cmd, env, timeout=400)
+    assert proc.returncode == 0, tail(proc.stdout, 6000)
+    net_overrides = CYCLEGAN_NET if bundle == "cyclegan" else {}
+    for name in outputs:  # saved unwrapped (no "module." prefix): they load into the inference network
+        network_from_config(bundle, **net_overrides).load_state_dict(load_state(tmp_path / "models" / name))
+    runs = runs_of(env["MLFLOW_TRACKING_URI"], bundle)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run: rank 0 tracks

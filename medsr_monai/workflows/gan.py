@@ -95,8 +95,8 @@ class SRGANTrainer(Trainer):
     where it stopped. ``pretrain_epochs=0`` starts adversarial at once (load a pre-trained generator first).
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, amp: as in
-            MONAI's ``SupervisedTrainer``; batches hold ``image`` (LR) and ``label`` (HR).
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch: as in MONAI's
+            ``SupervisedTrainer``; batches hold ``image`` (LR) and ``label`` (HR). (No mixed precision yet.)
         generator, discriminator: the two networks (discriminator outputs logits).
         g_optimizer, d_optimizer: their optimizers.
         pixel_loss: ``"l1"`` or ``"mse"``.
@@ -114,14 +114,14 @@ class SRGANTrainer(Trainer):
                  pixel_weight: float = 1.0, adversarial_weight: float = 1e-3, feature_weight: float = 0.0,
                  feature_loss: Callable | None = None, pretrain_epochs: int = 0, epoch_length: int | None = None,
                  non_blocking: bool = False, prepare_batch: Callable = default_prepare_batch,
-                 train_handlers: Sequence | None = None, amp: bool = False) -> None:
+                 train_handlers: Sequence | None = None) -> None:
         if pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss={pixel_loss!r}: choose one of {tuple(PIXEL_LOSSES)}")
         if not 0 <= pretrain_epochs <= max_epochs:
             raise ValueError(f"pretrain_epochs={pretrain_epochs} must be between 0 and max_epochs={max_epochs}")
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, prepare_batch=prepare_batch,
-                         handlers=train_handlers, amp=amp, decollate=False)
+                         handlers=train_handlers, decollate=False)
         self.generator, self.discriminator = generator, discriminator
         self.network = generator  # what MONAI handlers (e.g. CheckpointSaver by name) expect to find
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
@@ -373,8 +373,8 @@ class CycleGANTrainer(Trainer):
     both discriminators.
 
     Args:
-        device, max_epochs, train_data_loader, epoch_length, non_blocking, amp: as in MONAI trainers; batches
-            hold ``A`` and ``B`` (unpaired, e.g. from :class:`UnpairedDataset`).
+        device, max_epochs, train_data_loader, epoch_length, non_blocking: as in MONAI trainers; batches
+            hold ``A`` and ``B`` (unpaired, e.g. from :class:`UnpairedDataset`). (No mixed precision yet.)
         g_ab, g_ba: generators A -> B and B -> A.
         d_a, d_b: discriminators of domain A and B (patch logits).
         g_optimizer, d_optimizer: optimizers of both generators / both discriminators.
@@ -393,9 +393,9 @@ class CycleGANTrainer(Trainer):
                  adversarial_loss: str = "lsgan", cycle_weight: float = 10.0, identity_weight: float = 0.5,
                  pool_size: int = 50, seed: int = 0, pool_a: ImagePool | None = None, pool_b: ImagePool | None = None,
                  epoch_length: int | None = None, non_blocking: bool = False,
-                 train_handlers: Sequence | None = None, amp: bool = False) -> None:
+                 train_handlers: Sequence | None = None) -> None:
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp,
+                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers,
                          decollate=False)
         self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
         self.network = g_ab

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader
 from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -256,6 +257,19 @@ class SRGridHandler:
         return save_epoch_figure(fig, self.output_dir, "grid", engine.state.epoch)
 
 
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite's atomic ``DiskSaver`` (temporary file, then rename) with the usual 0644 file mode."""
+
+    def __init__(self, dirname: str) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, filename, metadata)
+        path = Path(self.dirname) / filename
+        if path.exists():
+            path.chmod(0o644)
+
+
 def save_epoch_figure(fig, output_dir: str | Path, prefix: str, epoch: int) -> Path:
     """Save a matplotlib figure as ``{prefix}_epoch{NNNN}.png`` and ``{prefix}_latest.png``; close it."""
     import matplotlib.pyplot as plt
@@ -313,9 +327,21 @@ class ResumeHandler:
             marker.unlink(missing_ok=True)
             for old in self.ckpt_dir.glob("checkpoint_*.pt"):
                 old.unlink()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            import ignite.distributed as idist
+
+            # ignite's Checkpoint (built below on rank 0 only) sets up ignite's distributed context on first use,
+            # which creates a process group: a collective call. Do it on every rank now, or rank 0 waits forever.
+            idist.sync()
         if _rank() == 0:  # under DistributedDataParallel every rank resumes, only rank 0 writes
-            CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
-                            n_saved=self.n_saved, epoch_level=True).attach(engine)
+            saver = CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
+                                    n_saved=self.n_saved, epoch_level=True)
+            # MONAI writes checkpoints in place (atomic=False, for group-readable files): a kill during the write
+            # would leave a truncated newest checkpoint that the next run cannot resume from; write to a temporary
+            # file in the same folder and rename it instead, then make it group/other-readable like MONAI's
+            saver._interval_checkpoint.save_handler = _AtomicDiskSaver(str(self.ckpt_dir))
+            saver.attach(engine)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def completed(self, engine: Engine) -> None:
