@@ -125,10 +125,12 @@ def render(res: dict[str, Any]) -> str:
                   f"({'met' if gap >= -1.5 else 'NOT met'}); sharper: sharpness {m['test_sr_sharpness']:.3f} vs "
                   f"{m['test_srresnet_sharpness']:.3f}, GMSD {m['test_sr_gmsd']:.4f} vs {m['test_srresnet_gmsd']:.4f} "
                   f"({'met' if sharper else 'NOT met'}).", ""]
-    cg = res.get("cyclegan")
-    if cg:
+    for key in sorted(k for k in res if k.startswith("cyclegan")):
+        cg = res[key]
         m = cg["metrics"]
-        lines += ["## CycleGAN low-dose -> normal-dose CT (test patient lung2, simulated 25 % dose)", "",
+        settings = ", ".join(f"{k}={v}" for k, v in cg["override"].items() if not k.startswith("_"))
+        lines += [f"## CycleGAN low-dose -> normal-dose CT, `{key}` (test patient lung2, simulated 25 % dose)", "",
+                  f"Settings: {settings}.", "",
                   f"Training {cg['train_s'] / 60:.1f} min, evaluation {cg['eval_s'] / 60:.1f} min.", "",
                   "| image vs clean slice | PSNR dB | SSIM | GMSD | sharpness |", "|---|---|---|---|---|"]
         for name, key in (("low-dose input", "lowdose"), ("CycleGAN output", "sr")):
