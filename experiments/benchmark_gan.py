@@ -72,9 +72,10 @@ def bench(spec: str, args, env: dict[str, str]) -> dict[str, Any]:
     run_dir.mkdir(parents=True)
     override = REPO / "experiments" / "configs" / f"{method}_cpu{'_' + variant if variant else ''}.json"
     paths = {"output_dir": expr_path(run_dir / "out"), "ckpt_dir": expr_path(run_dir / "models")}
+    settings = json.loads(override.read_text())
     if method == "srgan" and args.srgan_pretrained:
         # adversarial phase only, from an SRResNet phase trained before (same override file, e.g. an interrupted run)
-        adv_epochs = json.loads(override.read_text())["max_epochs"] - json.loads(override.read_text())["pretrain_epochs"]
+        adv_epochs = settings["max_epochs"] - settings["pretrain_epochs"]
         paths.update(pretrained_generator=expr_path(args.srgan_pretrained), pretrain_epochs="0",
                      max_epochs=str(adv_epochs))
     log(f"{method}: training with {override.relative_to(REPO)}")
@@ -93,7 +94,7 @@ def bench(spec: str, args, env: dict[str, str]) -> dict[str, Any]:
     cycle = run_dir / "out" / "grids" / "cycle_latest.png"
     if cycle.exists():
         shutil.copy2(cycle, args.out / f"{run_dir.name}_train_cycles.png")
-    return {"train_s": train_s, "eval_s": eval_s, "override": json.loads(override.read_text()), "metrics": metrics,
+    return {"train_s": train_s, "eval_s": eval_s, "override": settings, "metrics": metrics,
             "extra_overrides": {k: v for k, v in paths.items() if k not in ("output_dir", "ckpt_dir")}}
 
 
@@ -101,24 +102,29 @@ def fmt(x: Any, nd: int = 2, signed: bool = False) -> str:
     return "-" if x is None else (f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}")
 
 
+def _section(title: str, run: dict[str, Any], extra: str = "") -> list[str]:
+    """Heading, settings and timings of one benchmarked run."""
+    settings = ", ".join(f"{k}={v}" for k, v in run["override"].items() if not k.startswith("_"))
+    return [f"## {title}", "", f"Settings: {settings}{extra}.", "",
+            f"Training {run['train_s'] / 60:.1f} min, evaluation {run['eval_s'] / 60:.1f} min.", ""]
+
+
 def render(res: dict[str, Any]) -> str:
     lines = [f"# Adversarial bundles on the sample data ({res['created']}, {res['machine']})", ""]
     for key in sorted(k for k in res if k.startswith("srgan")):
         sg = res[key]
         m = sg["metrics"]
-        settings = ", ".join(f"{k}={v}" for k, v in sg["override"].items() if not k.startswith("_"))
-        lines += [f"## SRGAN x4, `{key}` (test patients brain2 MR, lung2 CT)", "",
-                  f"Settings: {settings}; extra: {sg.get('extra_overrides', {})}.", "",
-                  f"Training {sg['train_s'] / 60:.1f} min, evaluation {sg['eval_s'] / 60:.1f} min.", "",
-                  "| method | modality | PSNR dB | SSIM | GMSD (lower better) | sharpness (1 = HR) |",
+        lines += _section(f"SRGAN x4, `{key}` (test patients brain2 MR, lung2 CT)", sg,
+                          f"; extra: {sg.get('extra_overrides', {})}")
+        lines += ["| method | modality | PSNR dB | SSIM | GMSD (lower better) | sharpness (1 = HR) |",
                   "|---|---|---|---|---|---|"]
         for mod in ("MR", "CT"):
-            for name, key in (("cubic", "bicubic"), ("k-space zero-fill", "zerofill"), ("SRResNet", "srresnet"),
+            for name, col in (("cubic", "bicubic"), ("k-space zero-fill", "zerofill"), ("SRResNet", "srresnet"),
                               ("SRGAN", "sr")):
-                if f"test_{mod}_{key}_psnr" in m:
-                    lines.append(f"| {name} | {mod} | {fmt(m[f'test_{mod}_{key}_psnr'])} | "
-                                 f"{fmt(m[f'test_{mod}_{key}_ssim'], 4)} | {fmt(m.get(f'test_{mod}_{key}_gmsd'), 4)} | "
-                                 f"{fmt(m.get(f'test_{mod}_{key}_sharpness'), 3)} |")
+                if f"test_{mod}_{col}_psnr" in m:
+                    lines.append(f"| {name} | {mod} | {fmt(m[f'test_{mod}_{col}_psnr'])} | "
+                                 f"{fmt(m[f'test_{mod}_{col}_ssim'], 4)} | {fmt(m.get(f'test_{mod}_{col}_gmsd'), 4)} | "
+                                 f"{fmt(m.get(f'test_{mod}_{col}_sharpness'), 3)} |")
         gap = m["test_sr_psnr"] - m["test_srresnet_psnr"]
         sharper = m["test_sr_sharpness"] > m["test_srresnet_sharpness"]
         lines += ["", f"Target: SRGAN within 1.5 dB of SRResNet: {gap:+.2f} dB "
@@ -128,14 +134,11 @@ def render(res: dict[str, Any]) -> str:
     for key in sorted(k for k in res if k.startswith("cyclegan")):
         cg = res[key]
         m = cg["metrics"]
-        settings = ", ".join(f"{k}={v}" for k, v in cg["override"].items() if not k.startswith("_"))
-        lines += [f"## CycleGAN low-dose -> normal-dose CT, `{key}` (test patient lung2, simulated 25 % dose)", "",
-                  f"Settings: {settings}.", "",
-                  f"Training {cg['train_s'] / 60:.1f} min, evaluation {cg['eval_s'] / 60:.1f} min.", "",
-                  "| image vs clean slice | PSNR dB | SSIM | GMSD | sharpness |", "|---|---|---|---|---|"]
-        for name, key in (("low-dose input", "lowdose"), ("CycleGAN output", "sr")):
-            lines.append(f"| {name} | {fmt(m[f'test_{key}_psnr'])} | {fmt(m[f'test_{key}_ssim'], 4)} | "
-                         f"{fmt(m.get(f'test_{key}_gmsd'), 4)} | {fmt(m.get(f'test_{key}_sharpness'), 3)} |")
+        lines += _section(f"CycleGAN low-dose -> normal-dose CT, `{key}` (test patient lung2, simulated 25 % dose)", cg)
+        lines += ["| image vs clean slice | PSNR dB | SSIM | GMSD | sharpness |", "|---|---|---|---|---|"]
+        for name, col in (("low-dose input", "lowdose"), ("CycleGAN output", "sr")):
+            lines.append(f"| {name} | {fmt(m[f'test_{col}_psnr'])} | {fmt(m[f'test_{col}_ssim'], 4)} | "
+                         f"{fmt(m.get(f'test_{col}_gmsd'), 4)} | {fmt(m.get(f'test_{col}_sharpness'), 3)} |")
         gain = m["test_lowdose_gain_db"]
         lines += ["", f"Target: >= +2 dB over the low-dose input: {gain:+.2f} dB ({'met' if gain >= 2 else 'NOT met'}).",
                   ""]

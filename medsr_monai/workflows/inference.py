@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from medsr_monai.data.slices import slice_axis
 
+from .weights import load_weights
+
 __all__ = ["VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir", "file_sha256"]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
@@ -147,10 +149,7 @@ class VolumeSuperResolver:
             raise FileNotFoundError(
                 f"checkpoint {self.checkpoint} does not exist: train the bundle first, or set ckpt_path"
             )
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
-            state = state["network"]
-        self.network.load_state_dict(state)
+        load_weights(self.network, self.checkpoint, what="checkpoint")
         return file_sha256(self.checkpoint)
 
     def _modality(self, item: dict, vol: torch.Tensor) -> str:
