@@ -515,7 +515,7 @@ def render_md(res: dict, args) -> str:
         f"(os.cpu_count {mach.get('os_cpu_count')}); torch threads {mach.get('torch_threads')} (default); "
         f"load average at start {mach.get('loadavg_at_start')} (shared machine: timings are noisy, compare ratios "
         "from one run)",
-        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in mach.get("versions", {}).items()),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in mach.get("versions", {}).items()),
         f"- Training budget: **{budget} wall-clock per bundle** (Ignite `TimeLimit` from trainer start, periodic "
         "validation included; one last validation after the limit), bundle's own train.json otherwise "
         "(except `max_epochs` 100000, so the cosine LR schedule is effectively constant, and `epoch_length`).",

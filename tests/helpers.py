@@ -176,6 +176,22 @@ def train_tiny(bundle: str, datalist: Path, root: Path, **extra: Any) -> Trained
     return TrainedBundle(bundle, root, datalist.parent, output_dir, ckpt_dir, env, proc, overrides)
 
 
+def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], ckpt_dir: Path, log_path: Path,
+                                timeout: float = 300) -> subprocess.Popen:
+    """Start a training command (output to ``log_path``), SIGKILL it as soon as a ``checkpoint_*.pt`` appears in
+    ``ckpt_dir`` (or at ``timeout``) and reap it: a run killed half-way, without a chance to clean up."""
+    import signal
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None and not list(Path(ckpt_dir).glob("checkpoint_*.pt")):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc
+
+
 def network_from_config(bundle: str, name: str = "inference", **overrides: Any):
     """``network_def`` of a bundle config, instantiated in-process (weights as initialised)."""
     from monai.bundle import ConfigParser

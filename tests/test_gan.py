@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import pytest
 import torch
 
 from helpers import (
-    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, load_state, mlflow_client, run, runs_of,
+    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state, mlflow_client, run, runs_of,
     tail,
 )
 
@@ -439,13 +436,7 @@ def test_cyclegan_resumes_after_sigkill(tiny_datalist, tmp_path):
     cmd = bundle_cmd("run", "cyclegan", ["train"], **_paths(tmp_path, tiny_datalist), **{**CYCLEGAN_TINY,
                                                                                             "max_epochs": 3})
     ckpt_dir = tmp_path / "out" / "checkpoints"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and not list(ckpt_dir.glob("checkpoint_*.pt")):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(cmd, env, ckpt_dir, tmp_path / "first.log")
     ckpts = sorted(ckpt_dir.glob("checkpoint_*.pt"))
     assert ckpts, tail((tmp_path / "first.log").read_text())
     done = int(re.search(r"epoch=(\d+)", ckpts[-1].name).group(1))

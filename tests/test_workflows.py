@@ -216,3 +216,17 @@ def test_inference_reads_a_dicom_series(tmp_path):
     assert side["modality"] == "CT" and side["input_format"] == "dicom"
     y = np.asarray(img.dataobj, dtype=np.float64)
     assert y.min() >= float(data.min()) - 200 and y.max() <= float(data.max()) + 200  # HU, not [0, 1]
+
+
+def test_cli_boolean_strings_are_parsed(tmp_path):
+    """``monai.bundle run ... --resume false`` hands the string 'false' to the config (Python Fire only parses
+    ``False``); the flags must read it as false, and refuse anything that is not a boolean, naming the flag."""
+    from medsr_monai.networks import BiConvLSTMSR
+    from medsr_monai.workflows import ResumeHandler
+
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"")
+    assert ResumeHandler(str(tmp_path), {}, enabled="false").enabled is False
+    assert ResumeHandler(str(tmp_path), {}, enabled="True").enabled is True
+    with pytest.raises(ValueError, match="resume must be a boolean"):
+        ResumeHandler(str(tmp_path), {}, enabled="maybe")
+    assert BiConvLSTMSR(features=4, hidden_channels=4, data_consistency="false").data_consistency is False

@@ -6,6 +6,8 @@ from .edsr import EDSR, EDSR_VARIANTS, EDSRResBlock
 from .srcnn import SRCNN, SRCNN_CONFIGS
 from .srresnet import SRResBlock, SRResNet
 from .wrappers import InterpolationSR, find_last_conv
+from .convlstm import BiConvLSTMSR, ConvLSTMCell
+from .unet import ResidualUNet
 
 __all__ = [
     "EDSR",
@@ -20,4 +22,7 @@ __all__ = [
     "SRResBlock",
     "SRResNet",
     "find_last_conv",
+    "BiConvLSTMSR",
+    "ConvLSTMCell",
+    "ResidualUNet",
 ]

@@ -37,6 +37,29 @@ from .noise import (
     RicianNoised,
 )
 from .upsample import UPSAMPLE_MODES, GridUpsample, GridUpsampled
+from .denoise import GaussianFilterd, NonLocalMeansd
+from .lowdose_cache import SeededLowDoseCTNoised
+from .thickness import (
+    PROFILES,
+    CropToMultiple,
+    CropToMultipled,
+    MoveSliceAxisd,
+    SliceThickness,
+    SliceThicknessd,
+    slice_profile,
+    slice_thickness,
+    thick_affine,
+    thin_affine,
+)
+from .undersample import (
+    KSPACE_MASKS,
+    KspaceUndersample,
+    KspaceUndersampled,
+    RandKspaceUndersample,
+    RandKspaceUndersampled,
+    make_kspace_mask,
+    zero_filled_volume,
+)
 
 __all__ = [
     "GRID_CONVENTIONS",
@@ -75,4 +98,9 @@ __all__ = [
     "lr_positions",
     "normalization_range",
     "rescale_affine",
+    # slice thickness (through-plane), k-space undersampling (reconstruction), classical denoisers
+    "PROFILES", "CropToMultiple", "CropToMultipled", "MoveSliceAxisd", "SliceThickness", "SliceThicknessd",
+    "slice_profile", "slice_thickness", "thick_affine", "thin_affine",
+    "KSPACE_MASKS", "KspaceUndersample", "KspaceUndersampled", "RandKspaceUndersample", "RandKspaceUndersampled",
+    "make_kspace_mask", "zero_filled_volume", "GaussianFilterd", "NonLocalMeansd", "SeededLowDoseCTNoised",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor

@@ -14,7 +14,7 @@ from .gan import (
     save_weights,
 )
 from .handlers import ResumeHandler, SRGridHandler, SRMetricsHandler, StopOnNonFiniteLoss, sr_items
-from .inference import VolumeSuperResolver, ensure_writable_dir, resolve_inputs, sr_affine
+from .inference import VolumeSuperResolver, ensure_writable_dir, memory_estimate, resolve_inputs, sr_affine
 from .training import (
     DISCRIMINATORS,
     OPTIMIZERS,
@@ -27,12 +27,22 @@ from .training import (
     make_scheduler,
     unknown_direction,
 )
+from .restoration import RESTORATION_TASKS, best_gaussian_sigma, check_task, task_file, unknown_loss
+from .through_plane import (
+    ThroughPlaneInferer,
+    ThroughPlaneMetricsHandler,
+    ThroughPlaneSuperResolver,
+    repeat_items,
+    volume_items,
+)
 
 __all__ = [
     "AuxiliaryPrediction", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
     "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "sr_items",
-    "VolumeSuperResolver", "ensure_writable_dir", "resolve_inputs", "sr_affine",
+    "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs", "sr_affine",
     "DISCRIMINATORS", "OPTIMIZERS", "SCHEDULES", "LossProgressBar", "check_training_config", "count_parameters",
     "make_discriminator", "make_optimizer", "make_scheduler", "unknown_direction",
+    "RESTORATION_TASKS", "best_gaussian_sigma", "check_task", "task_file", "unknown_loss",
+    "ThroughPlaneInferer", "ThroughPlaneMetricsHandler", "ThroughPlaneSuperResolver", "repeat_items", "volume_items",
 ]

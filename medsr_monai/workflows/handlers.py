@@ -27,6 +27,8 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from medsr_monai.utils import as_bool
+
 __all__ = ["SRMetricsHandler", "SRGridHandler", "ResumeHandler", "StopOnNonFiniteLoss", "sr_items"]
 
 logger = logging.getLogger(__name__)
@@ -301,7 +303,8 @@ class ResumeHandler:
     """
 
     def __init__(self, ckpt_dir: str, objects: dict, enabled: bool = True, save_interval: int = 1, n_saved: int = 1):
-        self.ckpt_dir, self.objects, self.enabled = Path(ckpt_dir), dict(objects), enabled
+        self.ckpt_dir, self.objects = Path(ckpt_dir), dict(objects)
+        self.enabled = as_bool(enabled, "resume")  # `--resume false` arrives as the string 'false'
         self.save_interval, self.n_saved = save_interval, n_saved
         self.resumed_from: Path | None = None
 

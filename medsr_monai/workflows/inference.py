@@ -4,7 +4,11 @@ MONAI's evaluators assume the prediction lives on the input grid; an SR output l
 its intensities must go back to the input's units (HU stays HU) and its affine must change with the
 spacing. :class:`VolumeSuperResolver` does that around medsr's ``load_volume`` (NIfTI, NRRD or a DICOM
 series) and MONAI's ``SliceInferer`` (2D network over the slices of a volume, sliding window within each
-slice, so memory is bounded by ``roi_size`` x ``sw_batch_size`` on the LR side plus the output volume).
+slice).
+
+Memory bound: the network only ever sees ``sw_batch_size`` windows of ``roi_size`` (on ``device``, e.g. the
+GPU); the input and output volumes stay in host memory as float32 (plus the output in its stored dtype while
+writing). :func:`memory_estimate` gives those figures for a volume; they are logged and kept in the sidecar.
 
 Grid convention: the LR input voxel ``i`` is taken to sit at output voxel ``s*i`` ("corner", what
 k-space truncation and decimation produce). The output affine is therefore the input affine with
@@ -31,7 +35,10 @@ from medsr_monai.data.slices import slice_axis
 
 from .weights import load_weights
 
-__all__ = ["VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir", "file_sha256"]
+__all__ = [
+    "VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir", "file_sha256", "memory_estimate",
+    "load_checkpoint", "volume_stem", "write_output_volume",
+]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 
@@ -97,6 +104,51 @@ def resolve_inputs(source: str | os.PathLike | Sequence[str], split: str | None 
     return items
 
 
+def load_checkpoint(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> str | None:
+    """Load inference weights (``weights_only``) into ``network``; return the file's sha256 (``None``: no file
+    given, the network keeps its weights). A missing file raises ``FileNotFoundError`` naming it."""
+    if not checkpoint:
+        return None
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: train the bundle first, or set ckpt_path")
+    load_weights(network, checkpoint, what="checkpoint")
+    return file_sha256(checkpoint)
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """File name without its volume suffix (``scan.nii.gz`` -> ``scan``; a DICOM folder keeps its name)."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype, out: Path,
+                        sidecar: dict[str, Any]) -> Path:
+    """Write a processed volume as NIfTI in the input's voxel type, with its JSON sidecar beside it.
+
+    Integer inputs (e.g. int16 HU) are rounded and clipped to that type; anything else is stored as float32.
+    qform and sform both get ``affine`` (so every viewer places the new grid the same way); the sidecar gets
+    ``output_shape``, ``output_spacing_mm``, ``output_dtype`` and ``created`` added.
+    """
+    if np.issubdtype(like_dtype, np.integer):
+        info = np.iinfo(like_dtype)
+        y = np.clip(np.rint(y), info.min, info.max).astype(like_dtype)
+    else:
+        y = y.astype(np.float32)
+    img = nib.Nifti1Image(y, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(out))
+    sidecar = {**sidecar, "output_shape": list(y.shape),
+               "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]], "output_dtype": str(y.dtype),
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    out.with_name(out.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+    return out
+
+
 def sr_affine(affine: np.ndarray, scale: int, slice_dim: int) -> np.ndarray:
     """Affine of the SR output: in-plane voxel vectors divided by ``scale``, origin kept (corner grid)."""
     out = np.array(affine, dtype=np.float64, copy=True)
@@ -104,6 +156,36 @@ def sr_affine(affine: np.ndarray, scale: int, slice_dim: int) -> np.ndarray:
         if ax != slice_dim:
             out[:3, ax] /= scale
     return out
+
+
+def memory_estimate(in_shape: Sequence[int], zoom: Sequence[float], window: Sequence[int], windows_per_pass: int,
+                    channels: int = 1) -> dict[str, Any]:
+    """Memory figures (MiB, float32) of processing one volume window by window.
+
+    Args:
+        in_shape: spatial shape of the input volume.
+        zoom: output/input size factor per axis (e.g. ``(2, 2, 1)`` for in-plane x2).
+        window: spatial shape of one network input window (e.g. ``(1, 128, 128)`` for a slice window).
+        windows_per_pass: windows per forward pass (``sw_batch_size``).
+        channels: image channels.
+
+    Example::
+
+        >>> memory_estimate((256, 256, 23), (2, 2, 1), (128, 128), 8)["network_input_mib"]
+        0.5
+    """
+    mib = 4.0 / 2**20
+    n_in = float(np.prod(in_shape)) * channels
+    n_out = n_in * float(np.prod(zoom))
+    n_win = float(np.prod(window)) * channels * windows_per_pass
+    return {
+        "input_volume_mib": round(n_in * mib, 2),
+        "output_volume_mib": round(n_out * mib, 2),
+        "network_input_mib": round(n_win * mib, 2),
+        "window": [int(w) for w in window],
+        "windows_per_pass": int(windows_per_pass),
+        "bound": "host: input + output volume; network device: windows_per_pass windows and their activations",
+    }
 
 
 class VolumeSuperResolver:
@@ -143,14 +225,7 @@ class VolumeSuperResolver:
         self.device, self.output_postfix, self.progress = torch.device(device), output_postfix, progress
 
     def load_weights(self) -> str | None:
-        if not self.checkpoint:
-            return None
-        if not Path(self.checkpoint).is_file():
-            raise FileNotFoundError(
-                f"checkpoint {self.checkpoint} does not exist: train the bundle first, or set ckpt_path"
-            )
-        load_weights(self.network, self.checkpoint, what="checkpoint")
-        return file_sha256(self.checkpoint)
+        return load_checkpoint(self.network, self.checkpoint)
 
     def _modality(self, item: dict, vol: torch.Tensor) -> str:
         m = str(item.get("modality") or self.modality or "auto").upper()
@@ -167,18 +242,19 @@ class VolumeSuperResolver:
         # a window larger than the slice would be padded up to roi_size: wasted work (4x for 256^2 in 512^2)
         in_plane = [n for i, n in enumerate(x.shape[1:]) if i != axis]
         roi = [min(r, n) for r, n in zip(self.roi_size, in_plane)]
+        # windows go to the network's device one batch at a time; the volumes stay on the host (memory bound)
         inferer = SliceInferer(spatial_dim=axis, roi_size=roi, sw_batch_size=self.sw_batch_size,
-                               overlap=self.overlap, mode="gaussian", padding_mode="replicate", progress=False)
+                               overlap=self.overlap, mode="gaussian", padding_mode="replicate",
+                               progress=self.progress, sw_device=self.device, device="cpu")
         net = self.network
-        x = x.to(self.device)
         if not (isinstance(net, InterpolationSR) and net.residual):
             return inferer(x[None], net)[0].cpu()
         # Interpolating each window on its own re-extrapolates at every window edge, and blending does not
         # hide those seams; so interpolate whole slices once and blend only the learned residual.
         slices = x.movedim(axis + 1, 0)  # (S, 1, h, w): the slices as a batch
-        base = torch.cat([net.interpolate(chunk) for chunk in slices.split(self.sw_batch_size)]).movedim(0, axis + 1)
+        base = torch.cat([net.interpolate(chunk.to(self.device)).cpu() for chunk in slices.split(self.sw_batch_size)])
         residual = inferer(x[None], lambda t: net(t) - net.interpolate(t))[0]
-        return (base + residual).cpu()
+        return base.movedim(0, axis + 1) + residual
 
     def run(self) -> list[Path]:
         from medsr_monai.data import load_volume
@@ -206,34 +282,24 @@ class VolumeSuperResolver:
             lo, hi = normalizer.last_range
             spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
             axis = slice_axis(data.shape, spacing)
+            zoom = [1 if ax == axis else self.scale for ax in range(3)]
+            in_plane = [n for ax, n in enumerate(data.shape) if ax != axis]
+            memory = memory_estimate(data.shape, zoom, [min(r, n) for r, n in zip(self.roi_size, in_plane)],
+                                     self.sw_batch_size)
+            if self.progress:
+                tqdm.write(f"{src.name}: {list(data.shape)} -> {[n * z for n, z in zip(data.shape, zoom)]}, "
+                           f"host memory ~{memory['input_volume_mib'] + memory['output_volume_mib']:.0f} MiB")
             with torch.no_grad():
                 y = self._super_resolve(x, axis)
             y = denormalize(y, lo, hi).numpy()[0]
-            if np.issubdtype(data.dtype, np.integer):
-                info = np.iinfo(data.dtype)
-                y = np.clip(np.rint(y), info.min, info.max).astype(data.dtype)
-            else:
-                y = y.astype(np.float32)
-            affine = sr_affine(np.asarray(affine_in), self.scale, axis)
-            stem = src.name
-            for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            out = out_dir / f"{stem}_{self.output_postfix}.nii.gz"
-            img = nib.Nifti1Image(y, affine)
-            img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, str(out))
-            sidecar = {
+            out = out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
+            write_output_volume(y, sr_affine(np.asarray(affine_in), self.scale, axis), data.dtype, out, {
                 "bundle": self.bundle_name, "bundle_version": self.bundle_version,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
-                "scale": self.scale, "grid": "corner", "slice_axis": axis, "modality": modality,
+                "scale": self.scale, "zoom": zoom, "grid": "corner", "slice_axis": axis, "modality": modality,
                 "input": str(src), "input_format": meta.get("format"), "input_shape": list(data.shape),
-                "input_spacing_mm": spacing, "output_shape": list(y.shape),
-                "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]],
-                "normalization_range": [float(lo), float(hi)], "roi_size": list(self.roi_size),
-                "sw_batch_size": self.sw_batch_size, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            }
-            out.with_name(out.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+                "input_spacing_mm": spacing, "normalization_range": [float(lo), float(hi)],
+                "roi_size": list(self.roi_size), "sw_batch_size": self.sw_batch_size, "memory": memory,
+            })
             written.append(out)
         return written

@@ -1,0 +1,91 @@
+"""Deterministic, cached projection-domain low-dose CT simulation of whole volumes (paired denoising data).
+
+:class:`~medsr_monai.transforms.LowDoseCTNoised` is a random transform (fresh noise per call) and slow (a Radon
+transform and FBP per slice: seconds per 512^2 slice). Paired training and evaluation need the opposite: one fixed
+"low-dose acquisition" per slice, the same in every epoch, run and process, computed once. This wrapper therefore
+seeds :class:`~medsr_monai.transforms.LowDoseCTNoise` per slice from ``(seed, subject, slice index)`` and keeps the
+noisy volume in an ``.npy`` cache keyed by a hash of the input voxels and every simulation parameter, so a changed
+image or setting never reuses a stale file. Deterministic, so MONAI's ``CacheDataset`` caches it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type, convert_to_numpy
+
+from .noise import LowDoseCTNoise
+
+__all__ = ["SeededLowDoseCTNoised"]
+
+
+class SeededLowDoseCTNoised(MapTransform):
+    """Add low-dose CT noise (HU in, HU out) to channel-first 3D volumes, slice by slice along the slice axis
+    (the coarsest-spacing axis, or the singleton axis of a single-slice volume, as ``volume_slices`` cuts them).
+
+    Args:
+        keys: HU volumes ``(C, X, Y, Z)`` (MetaTensors: the affine gives spacing and pixel size).
+        dose_fraction, incident_photons: see :class:`~medsr_monai.transforms.LowDoseCTNoise`.
+        seed: base seed; slice ``k`` of subject ``s`` uses ``seed``, ``crc32(s)`` and ``k``.
+        id_key: item field naming the subject (falls back to the image file name).
+        cache_dir: folder for cached noisy volumes (``None``: no disk cache, simulate every time).
+    """
+
+    def __init__(self, keys: KeysCollection, dose_fraction: float = 0.25, incident_photons: float = 1e6,
+                 seed: int = 0, id_key: str = "subject", cache_dir: str | os.PathLike | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.noise = LowDoseCTNoise(dose_fraction, incident_photons, spatial_dims=2)
+        self.seed, self.id_key = int(seed), id_key
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def _noisy(self, x: np.ndarray, affine: np.ndarray, ident: str) -> np.ndarray:
+        from medsr_monai.data.slices import slice_axis
+
+        spacing = [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+        axis = slice_axis(x.shape[1:], spacing)
+        pixel = float(np.mean([s for i, s in enumerate(spacing) if i != axis]))
+        params = {"dose_fraction": self.noise.dose_fraction, "incident_photons": self.noise.incident_photons,
+                  "seed": self.seed, "id": ident, "pixel": round(pixel, 6), "axis": axis, "v": 1}
+        path = None
+        if self.cache_dir is not None:
+            h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+            h.update(str(x.shape).encode())
+            h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+            path = self.cache_dir / f"lowdose_{h.hexdigest()[:32]}.npy"
+            if path.is_file():
+                return np.load(path)
+        sl = np.moveaxis(x.astype(np.float64), axis + 1, 0)  # (S, C, h, w)
+        out = np.empty_like(sl)
+        sub = zlib.crc32(ident.encode())
+        self.noise.pixel_size_mm = pixel
+        for k in range(sl.shape[0]):
+            self.noise.set_random_state(seed=int(np.random.SeedSequence([self.seed, sub, k]).generate_state(1)[0]))
+            out[k] = self.noise(sl[k])
+        out = np.moveaxis(out, 0, axis + 1).astype(np.float32)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, out)
+            tmp.replace(path)  # atomic: concurrent ranks or a kill never leave half a file
+        return out
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        ident = str(d.get(self.id_key) or Path(str(d.get("image", "volume"))).name)
+        for key in self.key_iterator(d):
+            img = d[key]
+            affine = np.asarray(convert_to_numpy(getattr(img, "affine", np.eye(4))), dtype=np.float64)
+            x = convert_to_numpy(img)
+            if x.ndim != 4:
+                raise ValueError(f"{ident}: low-dose simulation expects a channel-first 3D volume, got {x.shape}")
+            d[key] = convert_to_dst_type(self._noisy(x, affine, ident), img, dtype=np.float32)[0]
+        return d
