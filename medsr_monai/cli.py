@@ -132,6 +132,26 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medsr_monai.compare import EmptyStoreError, compare
+    from medsr_monai.tracking import resolve_tracking_uri
+
+    uri = args.tracking_uri or resolve_tracking_uri(REPO_ROOT / "bundles" / "edsr", check=False)
+    try:
+        text, notes = compare(uri, select=args.select, fmt=args.format, out=args.out, plot=args.plot,
+                              images=args.images, experiments=args.experiments)
+    except EmptyStoreError as e:
+        print(f"medsr compare: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    for label, path in (("table", args.out), ("plot", args.plot), ("side-by-side", args.images)):
+        if path and Path(path).is_file():
+            print(f"wrote {label}: {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medsr_monai import __version__
     from medsr_monai.data.cli import register as register_data
@@ -159,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", default=str(REPO_ROOT / "data" / "samples"), help="sample data folder (default: %(default)s)")
     demo.add_argument("--no-inference", action="store_true", help="skip the whole-volume inference step")
     demo.set_defaults(func=_cmd_demo)
+
+    cmp = sub.add_parser(
+        "compare", help="table + plots of the best (or latest) run of each method and task in an MLflow store",
+        description="Read an MLflow store and print one row per method and task: PSNR/SSIM of the method and of its "
+        "baseline (bicubic for in-plane SR, cubic through-plane, zero-fill / low-dose for restoration; see "
+        "medsr_monai/compare.py), gain in dB, training wall time, training images/s (~ = estimated), parameters. "
+        "Test metrics of evaluation runs are used when there are any (source=test), else the training run's "
+        "validation metrics (source=val). Also writes a quality-vs-speed plot and a side-by-side of each run's "
+        "image grid (runs without a PNG artifact are skipped with a note).",
+    )
+    cmp.add_argument("--tracking-uri", default=None,
+                     help="MLflow store: sqlite:///<abs>/mlflow.db or http(s)://server:port "
+                     "(default: MLFLOW_TRACKING_URI, else the project store mlruns/mlflow.db)")
+    cmp.add_argument("--select", choices=["best", "latest"], default="best",
+                     help="per method and task: highest method PSNR, or most recent run (default: %(default)s)")
+    cmp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown",
+                     help="table format (default: %(default)s)")
+    cmp.add_argument("--out", default=None, help="also write the table to this file")
+    cmp.add_argument("--plot", default="compare_quality_speed.png",
+                     help="PNG: bar of gain over baseline, scatter of gain vs images/s ('' to skip; default: %(default)s)")
+    cmp.add_argument("--images", default="compare_images.png",
+                     help="PNG of each selected run's image grid side by side ('' to skip; default: %(default)s)")
+    cmp.add_argument("--experiments", nargs="+", default=None, help="only these MLflow experiments (bundle names)")
+    cmp.set_defaults(func=_cmd_compare)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the project store (mlruns/)",
                         description="Start `mlflow ui` on the project store (MLFLOW_TRACKING_URI if set).")
