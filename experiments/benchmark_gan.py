@@ -28,30 +28,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, expr_path, log, run_logged  # experiments/ is on sys.path when run as a script
+
 METHODS = ("srgan", "cyclegan")
 #: a method is ``bundle`` or ``bundle:variant``; its override file is ``configs/<bundle>_cpu[_<variant>].json``
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def expr_path(p: Path) -> str:
-    return f"$'{p.resolve()}'"
-
-
-def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
-    t0 = time.monotonic()
-    with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}); see {log_path}")
-    return time.monotonic() - t0
 
 
 def bundle_cmd(method: str, configs: list[str], overrides: dict[str, str]) -> list[str]:

@@ -33,11 +33,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, expr_path, log, run_logged  # experiments/ is on sys.path when run as a script
+
 #: row -> bundle overrides (besides the budget)
 ROWS = {
     "mri4": {"task": "mri_recon", "acceleration": 4, "center_fraction": 0.08},
@@ -47,14 +47,6 @@ ROWS = {
 SHIP = {"mri4": "model.pt", "ct": "model_ct_denoise.pt"}
 
 
-def log(msg: str) -> None:
-    print(f"\n[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def expr_path(p: Path) -> str:
-    return f"$'{p.resolve()}'"  # a config expression: a plain string breaks MONAI's saved config
-
-
 def bundle_cmd(configs: list[str], overrides: dict[str, Any]) -> list[str]:
     files = [str(REPO / "bundles" / "unet" / "configs" / c) for c in configs]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -62,15 +54,6 @@ def bundle_cmd(configs: list[str], overrides: dict[str, Any]) -> list[str]:
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return cmd
-
-
-def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
-    t0 = time.monotonic()
-    with open(log_path, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({rc}); see {log_path}")
-    return time.monotonic() - t0
 
 
 def bench(row: str, args, env: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:

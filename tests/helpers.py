@@ -176,6 +176,18 @@ def train_tiny(bundle: str, datalist: Path, root: Path, **extra: Any) -> Trained
     return TrainedBundle(bundle, root, datalist.parent, output_dir, ckpt_dir, env, proc, overrides)
 
 
+def torchrun_cmd(bundle: str, configs: Sequence[str], nproc: int = 2, **overrides: Any) -> list[str]:
+    """``torchrun --nproc_per_node=N --master_port=<free> -m monai.bundle run ...``: a free port per call, so that
+    concurrent test processes never meet on the same rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+            *bundle_cmd("run", bundle, configs, **overrides)[1:]]
+
+
 def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], ckpt_dir: Path, log_path: Path,
                                 timeout: float = 300) -> subprocess.Popen:
     """Start a training command (output to ``log_path``), SIGKILL it as soon as a ``checkpoint_*.pt`` appears in

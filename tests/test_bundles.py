@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from helpers import (
     runs_of,
     sha256,
     tail,
+    torchrun_cmd,
 )
 
 pytestmark = pytest.mark.slow
@@ -236,18 +236,11 @@ def test_verify_metadata_rejects_missing_network_data_format(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_multi_gpu_config_with_torchrun_gloo(tiny_datalist, tmp_path):
     bundle = "srcnn"
     out, models = tmp_path / "out", tmp_path / "models"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           *bundle_cmd("run", bundle, ["train", "multi_gpu_train"], dataset_dir=expr(tiny_datalist.parent),
-                       output_dir=expr(out), ckpt_dir=expr(models), **TINY_TRAIN)[1:]]
+    cmd = torchrun_cmd(bundle, ["train", "multi_gpu_train"], dataset_dir=expr(tiny_datalist.parent),
+                       output_dir=expr(out), ckpt_dir=expr(models), **TINY_TRAIN)
     env = bundle_env(tmp_path)  # a fresh sqlite store: both ranks open it at start
     proc = run(cmd, env)
     assert proc.returncode == 0, tail(proc.stdout, 6000)

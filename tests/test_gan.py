@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import (
-    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state, mlflow_client, run, runs_of,
-    tail,
+    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state,
+    mlflow_client, run, runs_of, tail, torchrun_cmd,
 )
 
 SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
@@ -486,15 +486,9 @@ def test_cyclegan_trains_on_two_user_folders(tiny_datalist, tmp_path):
 ])
 def test_gan_multi_gpu_config_with_torchrun_gloo(bundle, overrides, outputs, tiny_datalist, tmp_path):
     """Two processes (gloo on CPU): DDP-wrapped generators and discriminators, rank-0 checkpoints and tracking."""
-    import socket
-
     from helpers import network_from_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           *bundle_cmd("run", bundle, ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist), **overrides)[1:]]
+    cmd = torchrun_cmd(bundle, ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist), **overrides)
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     proc = run(cmd, env, timeout=400)
     assert proc.returncode == 0, tail(proc.stdout, 6000)

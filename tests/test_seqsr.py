@@ -9,7 +9,6 @@ import json
 import math
 import re
 import signal
-import socket
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from helpers import (
     PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, crop_nifti, download_artifact, expr,
     kill_after_first_checkpoint, load_state, mlflow_client, network_from_config, run, runs_of, sha256, tail,
+    torchrun_cmd,
 )
 
 from medsr_monai.transforms import GridUpsample, SliceThickness, slice_thickness, thick_affine, thin_affine
@@ -329,12 +329,8 @@ def test_resume_after_sigkill(seq_data, tmp_path):
 
 
 def test_multi_gpu_config_with_torchrun_gloo(seq_data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     overrides = {**TINY, "max_epochs": 1}
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           *bundle_cmd("run", BUNDLE, ["train", "multi_gpu_train"], **_paths(tmp_path, seq_data), **overrides)[1:]]
+    cmd = torchrun_cmd(BUNDLE, ["train", "multi_gpu_train"], **_paths(tmp_path, seq_data), **overrides)
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     proc = run(cmd, env, timeout=400)
     assert proc.returncode == 0, tail(proc.stdout, 6000)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import (
-    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state, mlflow_client, network_from_config,
-    run, runs_of, tail,
+    REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state,
+    mlflow_client, network_from_config, run, runs_of, tail, torchrun_cmd,
 )
 from medsr_monai.networks import ResidualUNet
 from medsr_monai.transforms import (
@@ -302,14 +302,8 @@ def test_non_finite_loss_stops_the_run_with_a_message(tiny_datalist, tmp_path):
 
 @pytest.mark.slow
 def test_multi_gpu_config_with_torchrun_gloo(tiny_datalist, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           *bundle_cmd("run", "unet", ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist),
-                       **{**TINY, "max_epochs": 1})[1:]]
+    cmd = torchrun_cmd("unet", ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist),
+                       **{**TINY, "max_epochs": 1})
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     proc = run(cmd, env, timeout=400)
     assert proc.returncode == 0, tail(proc.stdout, 6000)
