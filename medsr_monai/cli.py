@@ -155,6 +155,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from medsr_monai import __version__
     from medsr_monai.data.cli import register as register_data
+    from medsr_monai.tuning.cli import register as register_tune
 
     parser = argparse.ArgumentParser(
         prog="medsr",
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     register_data(sub)
+    register_tune(sub)
 
     demo = sub.add_parser(
         "demo", help="fetch the sample scans, train + evaluate the bundles briefly, print the comparison",
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "argv") and args.argv is None:  # `medsr tune --workers K` restarts itself with these
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

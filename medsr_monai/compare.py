@@ -222,6 +222,8 @@ def collect_rows(uri: str, select: str = "best", experiments: list[str] | None =
     for exp in exps:
         runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                   max_results=5000)
+        # `medsr tune` studies and trials: short-budget runs selected on validation, not results to compare
+        runs = [r for r in runs if not r.data.tags.get("medsr.tune_role")]
         trains = sorted((r for r in runs if not _is_eval(r)), key=lambda r: r.info.start_time)
         groups: dict[tuple[str, str], dict[str, list]] = {}
         for r in runs:
