@@ -197,7 +197,11 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
               "pruner": settings.pruner if settings.pruner == "none" else json.dumps(settings.space.pruner),
               "sampler": "TPESampler(constant_liar=True)", "fixed": json.dumps(settings.fixed, default=str),
               "storage": mask_url(settings.storage)}
-    parent_id, resumed = tracker.open_parent(params, {"medsr.tune_target_trials": str(settings.trials),
+    from medsr_monai.tracking import collect_provenance
+
+    provenance = {f"medsr.{k}": str(v)[:4900] for k, v in
+                  collect_provenance(seed=settings.seed, dataset_dir=settings.fixed.get("dataset_dir")).items()}
+    parent_id, resumed = tracker.open_parent(params, {**provenance, "medsr.tune_target_trials": str(settings.trials),
                                                       "medsr.tune_workers": str(settings.workers)})
     swept = tracker.sweep_dead_trials(study)
     if first_call:

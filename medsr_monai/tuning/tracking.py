@@ -8,12 +8,13 @@ trial number and state.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 from pathlib import Path
 from typing import Any
+
+from medsr_monai.tracking.handler import _pid_alive
 
 __all__ = ["StudyTracker", "mask_url", "mlflow_key"]
 
@@ -30,16 +31,6 @@ def mask_url(url: str) -> str:
 def mlflow_key(config_id: str) -> str:
     """MLflow param keys may not contain ``#``: ``network_def#net#features`` -> ``network_def.net.features``."""
     return config_id.replace("#", ".")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StudyTracker:
@@ -153,7 +144,3 @@ class StudyTracker:
                     self.client.set_terminated(run_id, "KILLED")
         return swept
 
-    def log_json(self, name: str, data: Any, folder: Path) -> Path:
-        path = folder / name
-        path.write_text(json.dumps(data, indent=2, default=str))
-        return path

@@ -230,7 +230,7 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup) -> float:
         oom = is_out_of_memory(e)
         if oom is not None:
             state = "PRUNED"
-            reason = (f"batch_size={params.get('batch_size', '?')} does not fit memory: "
+            reason = (f"out of memory with batch_size={params.get('batch_size', '?')} (does not fit memory): "
                       f"{type(oom).__name__}: {str(oom)[:300]}")
             _free_accelerator_memory()
             raise BatchDoesNotFit(reason) from e
