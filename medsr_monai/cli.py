@@ -155,6 +155,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from medsr_monai import __version__
     from medsr_monai.data.cli import register as register_data
+    from medsr_monai.publish.cli import register as register_publish
+    from medsr_monai.reproduce import register as register_reproduce
     from medsr_monai.tuning.cli import register as register_tune
 
     parser = argparse.ArgumentParser(
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     register_data(sub)
     register_tune(sub)
+    register_publish(sub)
+    register_reproduce(sub)
 
     demo = sub.add_parser(
         "demo", help="fetch the sample scans, train + evaluate the bundles briefly, print the comparison",

@@ -1,0 +1,150 @@
+"""``medsr publish`` and ``medsr fetch-bundle``.
+
+Usage::
+
+    medsr publish bundles/edsr [--out dist/] [--run-id RUN] [--sample scan.nii.gz] [--allow-no-provenance]
+    medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/     # -> downloaded/edsr/
+
+``publish`` refuses weights whose training run cannot be found in the MLflow store unless
+``--allow-no-provenance`` is given: a published model that nobody can trace back to its data and code is
+the failure this command exists to prevent. With the flag, the manifest says ``"provenance": "unknown"``
+and a warning is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .checks import PublishError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SAMPLE = REPO_ROOT / "data" / "samples" / "nifti" / "brain2.nii.gz"
+
+
+def register(sub) -> None:
+    """Add the ``publish`` and ``fetch-bundle`` subcommands to the ``medsr`` parser's subparsers."""
+    p = sub.add_parser("publish", help="check a bundle offline (model-zoo rules) and write dist/<name>_<version>.zip",
+                       description="Offline model-zoo checks (required files, metadata against the local schema, "
+                       "a new version with a changelog entry, verify_net_in_out, TorchScript export matching the "
+                       "eager model on a real slice), then dist/<name>_<version>.zip with a sha256 manifest and the "
+                       "training run's provenance. Weights with no matching FINISHED MLflow run are refused "
+                       "unless --allow-no-provenance.")
+    p.add_argument("bundle", type=Path, help="bundle folder, e.g. bundles/edsr")
+    p.add_argument("--out", type=Path, default=Path("dist"), help="where archives are written (default: dist/)")
+    p.add_argument("--run-id", default=None, help="MLflow run that trained models/model.pt (default: found by "
+                   "matching the sha256 of models/model.pt against FINISHED runs' model.pt artifacts)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
+                   "project store <repo>/mlruns)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle folder's name)")
+    p.add_argument("--sample", type=Path, default=None, help="real NIfTI for the TorchScript-vs-eager check "
+                   f"(default: the inference config's input, else {DEFAULT_SAMPLE})")
+    p.add_argument("--allow-no-provenance", action="store_true",
+                   help="publish with provenance 'unknown' when no training run matches (default: refuse)")
+    p.set_defaults(func=cmd_publish)
+
+    f = sub.add_parser("fetch-bundle", help="verify a published bundle's checksums and unpack it to DIR/<name>")
+    f.add_argument("source", type=Path, help="archive (.zip) written by medsr publish, or an unpacked bundle folder")
+    f.add_argument("--to", type=Path, required=True, help="folder to unpack into (the bundle lands in DIR/<name>)")
+    f.set_defaults(func=cmd_fetch)
+
+
+def _error(cmd: str, msg: str) -> int:
+    print(f"medsr {cmd}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _tracking_uri(bundle: Path, explicit: str | None) -> str | None:
+    """The store to search, without creating one as a side effect."""
+    from medsr_monai.tracking.store import project_root, resolve_tracking_uri
+
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if (project_root(bundle) / "mlruns" / "mlflow.db").is_file():
+        return resolve_tracking_uri(bundle, check=False)
+    return None
+
+
+def _default_sample(bundle: Path) -> Path:
+    try:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser["bundle_root"] = str(bundle)
+        candidate = Path(str(parser.get_parsed_content("input")))
+        if candidate.is_file():
+            return candidate
+    except Exception:  # the config's input may need things that do not exist here; fall back
+        pass
+    if DEFAULT_SAMPLE.is_file():
+        return DEFAULT_SAMPLE
+    raise PublishError(f"no real NIfTI for the TorchScript check: pass --sample (tried {bundle}'s inference "
+                       f"input and {DEFAULT_SAMPLE})")
+
+
+def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: str | None = None,
+            experiment: str | None = None, sample: Path | None = None, allow_no_provenance: bool = False,
+            log=print) -> Path:
+    """All checks, then the archive. Raises :class:`PublishError` on the first failed check.
+
+    Returns:
+        the archive path.
+    """
+    from .archive import write_archive
+    from .checks import check_metadata, check_network, check_required_files, check_version
+    from .provenance import find_provenance
+
+    bundle = Path(bundle).resolve()
+    if not bundle.is_dir():
+        raise PublishError(f"{bundle}: not a bundle folder")
+    name = bundle.name
+    check_required_files(bundle)
+    meta = check_metadata(bundle)
+    version = check_version(meta, Path(out), name, bundle / "configs" / "metadata.json")
+    log(f"{name} {version}: required files present, metadata valid, version new")
+
+    uri = _tracking_uri(bundle, tracking_uri)
+    prov = find_provenance(bundle / "models" / "model.pt", experiment or name, uri, run_id) if uri else None
+    if prov is None:
+        where = f"in experiment {experiment or name!r} of {uri}" if uri else "(no MLflow store found)"
+        msg = f"no FINISHED training run with this models/model.pt {where}"
+        if not allow_no_provenance:
+            raise PublishError(f"{msg}; pass --run-id, --tracking-uri, or --allow-no-provenance")
+        print(f"WARNING: {msg}: PUBLISHING WITH PROVENANCE 'unknown'", file=sys.stderr)
+        prov = "unknown"
+    else:
+        log(f"provenance: run {prov['run_id']} ({prov['run_name']})")
+
+    sample = Path(sample) if sample else _default_sample(bundle)
+    if not sample.is_file():
+        raise PublishError(f"--sample {sample}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        diff = check_network(bundle, sample, Path(tmp) / "model.ts")
+    log(f"verify_net_in_out ok; TorchScript export matches eager (max |diff| {diff:.2g}) on {sample.name}")
+    dest = write_archive(bundle, name, version, Path(out), prov)
+    log(f"wrote {dest}")
+    return dest
+
+
+def cmd_publish(args) -> int:
+    try:
+        publish(args.bundle, args.out, args.run_id, args.tracking_uri, args.experiment, args.sample,
+                args.allow_no_provenance)
+    except PublishError as e:
+        return _error("publish", str(e))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch_bundle
+
+    try:
+        dest = fetch_bundle(args.source, args.to)
+    except PublishError as e:
+        return _error("fetch-bundle", str(e))
+    print(f"verified and unpacked to {dest}")
+    return 0

@@ -1,0 +1,87 @@
+"""Which training run produced a bundle's weights: the FINISHED MLflow run whose ``model.pt`` artifact has the
+same sha256 as the bundle's ``models/model.pt``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .checks import PublishError
+
+__all__ = ["sha256", "find_provenance", "run_provenance"]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_artifact_sha(client, run_id: str, tmp: str, size: int | None = None) -> str | None:
+    """sha256 of the run's ``model.pt`` artifact; ``None`` when it has none (or, given ``size``, when its size
+    differs: no download needed to rule it out)."""
+    sizes = {a.path: a.file_size for a in client.list_artifacts(run_id)}
+    if "model.pt" not in sizes or (size is not None and sizes["model.pt"] not in (None, size)):
+        return None
+    return sha256(client.download_artifacts(run_id, "model.pt", tempfile.mkdtemp(dir=tmp)))
+
+
+def run_provenance(client, run, uri: str) -> dict:
+    """What a collaborator needs to trace the weights: the run, its metrics and its provenance tags
+    (data hashes, git commit, seed, package versions, recorded by ``MLflowRunHandler`` as ``medsr.*``)."""
+    tags = run.data.tags
+    prov = {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": uri,
+        "status": run.info.status,
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+        "tags": {k[len("medsr."):]: v for k, v in tags.items() if k.startswith("medsr.")},
+    }
+    prov["data_hash"] = {k: v for k, v in prov["tags"].items() if k.endswith("_sha256")}
+    return prov
+
+
+def find_provenance(model: Path, experiment: str, uri: str, run_id: str | None = None) -> dict | None:
+    """Provenance of ``model`` from the store ``uri``.
+
+    Args:
+        model: the bundle's ``models/model.pt``.
+        experiment: the experiment the bundle trains into (its ``method``, i.e. the bundle name).
+        uri: the MLflow tracking URI.
+        run_id: use this run instead of searching; refused if its ``model.pt`` artifact is another file.
+
+    Returns:
+        the provenance dict, or ``None`` when no FINISHED run of ``experiment`` logged these weights.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    digest = sha256(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as e:
+                raise PublishError(f"--run-id {run_id}: no such run in {uri}: {e.message}") from e
+            found = _model_artifact_sha(client, run_id, tmp)
+            if found is not None and found != digest:
+                raise PublishError(f"--run-id {run_id}: its model.pt artifact (sha256 {found[:12]}) is not {model} "
+                                   f"(sha256 {digest[:12]})")
+            return run_provenance(client, run, uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000)
+        for run in runs:
+            if _model_artifact_sha(client, run.info.run_id, tmp, model.stat().st_size) == digest:
+                return run_provenance(client, run, uri)
+    return None
