@@ -38,7 +38,8 @@ def register(sub) -> None:
                    "matching the sha256 of models/model.pt against FINISHED runs' model.pt artifacts)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
                    "project store <repo>/mlruns)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle folder's name)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the experiment_name of the bundle's train.json, "
+                   "e.g. unet_mri_recon)")
     p.add_argument("--sample", type=Path, default=None, help="real NIfTI for the TorchScript-vs-eager check "
                    f"(default: the inference config's input, else {DEFAULT_SAMPLE})")
     p.add_argument("--allow-no-provenance", action="store_true",
@@ -86,6 +87,16 @@ def _default_sample(bundle: Path) -> Path:
                        f"input and {DEFAULT_SAMPLE})")
 
 
+def _train_experiment(bundle: Path) -> str:
+    """The MLflow experiment the bundle's train.json records into (e.g. ``unet_mri_recon``), else its folder name."""
+    try:
+        from medsr_monai.tuning.trial import bundle_parser
+
+        return str(bundle_parser(bundle).get_parsed_content("experiment_name"))
+    except Exception:  # noqa: BLE001 - a bundle without train.json / experiment_name: the folder name
+        return bundle.name
+
+
 def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: str | None = None,
             experiment: str | None = None, sample: Path | None = None, allow_no_provenance: bool = False,
             log=print) -> Path:
@@ -108,9 +119,10 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     log(f"{name} {version}: required files present, metadata valid, version new")
 
     uri = _tracking_uri(bundle, tracking_uri)
-    prov = find_provenance(bundle / "models" / "model.pt", experiment or name, uri, run_id) if uri else None
+    experiment = experiment or _train_experiment(bundle)
+    prov = find_provenance(bundle / "models" / "model.pt", experiment, uri, run_id) if uri else None
     if prov is None:
-        where = f"in experiment {experiment or name!r} of {uri}" if uri else "(no MLflow store found)"
+        where = f"in experiment {experiment!r} of {uri}" if uri else "(no MLflow store found)"
         msg = f"no FINISHED training run with this models/model.pt {where}"
         if not allow_no_provenance:
             raise PublishError(f"{msg}; pass --run-id, --tracking-uri, or --allow-no-provenance")
