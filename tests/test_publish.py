@@ -60,6 +60,14 @@ def _manifest(archive: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- publish
+def _training_run(tb):
+    """The run that trained the fixture's weights: the first of its private store (other tests of the session
+    add evaluation and training runs to the same store later)."""
+    first = runs_of(tb.uri, NAME)[0]
+    assert first.info.status == "FINISHED" and first.data.tags.get("medsr.stage") != "evaluate"
+    return first
+
+
 def test_publish_writes_checksums_and_training_provenance(published):
     archive, src, tb = published["zip"], published["src"], published["tb"]
     assert archive.is_file(), published["proc"].stdout
@@ -70,11 +78,10 @@ def test_publish_writes_checksums_and_training_provenance(published):
     for required in ("configs/metadata.json", "LICENSE", "models/model.pt", "docs/README.md", "docs/data_license.txt"):
         assert required in manifest["files"]
 
-    finished = [r for r in runs_of(tb.uri, NAME) if r.info.status == "FINISHED"]
-    assert len(finished) == 1
+    trained = _training_run(tb)
     prov = manifest["provenance"]
-    assert prov["run_id"] == finished[0].info.run_id  # found by the sha256 of model.pt
-    assert prov["metrics"]["val_psnr"] == pytest.approx(finished[0].data.metrics["val_psnr"])
+    assert prov["run_id"] == trained.info.run_id  # found by the sha256 of model.pt among all the store's runs
+    assert prov["metrics"]["val_psnr"] == pytest.approx(trained.data.metrics["val_psnr"])
     datalist = tb.dataset_dir / "datalist.json"
     assert prov["data_hash"]["datalist_sha256"] == sha256(datalist)
     assert "TorchScript export matches eager" in published["proc"].stdout
@@ -153,7 +160,7 @@ def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatc
     from medsr_monai.cli import main
 
     tb = published["tb"]
-    (finished,) = [r for r in runs_of(tb.uri, NAME) if r.info.status == "FINISHED"]
+    finished = _training_run(tb)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tb.uri)
     args = ["publish", str(published["src"]), "--out", str(tmp_path / "dist"), "--sample", str(published["scan"])]
     assert main(args + ["--run-id", "0123456789abcdef"]) == 2
