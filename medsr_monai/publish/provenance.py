@@ -3,22 +3,14 @@ same sha256 as the bundle's ``models/model.pt``."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tempfile
 from pathlib import Path
+
+from medsr_monai.data.datalist import file_sha256 as sha256
 
 from .checks import PublishError
 
 __all__ = ["sha256", "find_provenance", "run_provenance"]
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_artifact_sha(client, run_id: str, tmp: str, size: int | None = None) -> str | None:

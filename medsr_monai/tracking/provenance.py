@@ -8,7 +8,6 @@ it too.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata as _md
 import os
 import platform
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from medsr_monai.data.datalist import file_sha256
 
 __all__ = ["git_info", "package_versions", "runtime_info", "data_hashes", "collect_provenance", "new_run_name"]
 
@@ -70,14 +71,6 @@ def runtime_info() -> dict[str, str]:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_hashes(dataset_dir: str | os.PathLike | None) -> dict[str, str]:
     """sha256 of ``datalist.json`` and ``manifest.json`` in (or at) ``dataset_dir`` when present."""
     if not dataset_dir:
@@ -86,10 +79,10 @@ def data_hashes(dataset_dir: str | os.PathLike | None) -> dict[str, str]:
     datalist = p / "datalist.json" if p.is_dir() else p
     out: dict[str, str] = {}
     if datalist.is_file():
-        out["datalist_sha256"] = _sha256(datalist)
+        out["datalist_sha256"] = file_sha256(datalist)
         manifest = datalist.parent / "manifest.json"
         if manifest.is_file():
-            out["manifest_sha256"] = _sha256(manifest)
+            out["manifest_sha256"] = file_sha256(manifest)
     return out
 
 

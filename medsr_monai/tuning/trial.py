@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from collections.abc import Iterator
@@ -94,6 +95,11 @@ class TrialSetup:
     @property
     def train_json(self) -> Path:
         return self.bundle / "configs" / "train.json"
+
+    @functools.cached_property
+    def config_keys(self) -> set[str]:
+        """Top-level ids of the bundle's train.json (read once per study, not per trial)."""
+        return set(bundle_parser(self.bundle).get().keys())
 
 
 def as_override(value: Any) -> Any:
@@ -202,12 +208,11 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup) -> float:
                         else (None, f"trial-{trial.number}"))
     if run_id:
         trial.set_user_attr("mlflow_run_id", run_id)
-    parser_keys = set(bundle_parser(setup.bundle).get().keys())
     overrides = {k: as_override(v) for k, v in setup.fixed.items()}
     overrides.update(params)
     overrides.update({"output_dir": as_override(str(folder)), "ckpt_dir": as_override(str(folder / "models")),
                       "run_name": run_name, "experiment_name": setup.experiment_name})
-    if "resume" in parser_keys:
+    if "resume" in setup.config_keys:
         overrides["resume"] = False  # a trial never continues another trial's checkpoint
     state, reason, reporter = "FAIL", "", None
     try:

@@ -18,7 +18,6 @@ the in-plane columns divided by ``s`` and the same origin.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import torch
 from monai.inferers import SliceInferer
 from tqdm.auto import tqdm
 
+from medsr_monai.data.datalist import file_sha256
 from medsr_monai.data.slices import slice_axis
 
 from .weights import load_weights
@@ -41,14 +41,6 @@ __all__ = [
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
