@@ -89,8 +89,9 @@ class PlainLoop:
                 self._it = iter(self.loader)
                 batch = next(self._it)
             x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+            kw = {"modality": batch["modality"]} if hasattr(self.net, "physics") and "modality" in batch else {}
             self.opt.zero_grad()
-            self.loss(self.net(x), y).backward()
+            self.loss(self.net(x, **kw), y).backward()
             self.opt.step()
             out.append((time.perf_counter() - t0, time.process_time() - c0, int(x.shape[0])))
         return out

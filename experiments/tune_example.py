@@ -7,7 +7,9 @@ Stages (all by default; ``--stages`` picks a subset):
 1. ``study``  ``medsr tune --bundle bundles/srcnn --trials N`` with the per-bundle space
               ``experiments/spaces/srcnn.json`` (batch {16,32,64,128}, Adam/RMSprop/SGD, lr 1e-5..1e-2 log,
               schedule none/cosine/step/exponential; budget 3 epochs x 2 patches per slice; median pruner).
-              Trial 0 is the bundle's own settings. Writes ``experiments/best/srcnn.json``.
+              Trial 0 is the bundle's own settings. Writes the study's best override
+              ``experiments/best/srcnn/<study>.json`` (``experiments/best/srcnn/example-srcnn.json``; ``--best``
+              for another file).
 2. ``final``  ``python -m monai.bundle run`` of ``train.json`` (default) and ``['train.json', best]`` (tuned),
               both with ``max_epochs=--final-epochs`` and seed 0, in parallel (one thread each), then
               ``evaluate.json`` of each on the held-out test patients (brain2 MR, lung2 CT).
@@ -40,7 +42,7 @@ def study(args, runs: Path, env: dict[str, str]) -> None:
     cmd = [PY, "-m", "medsr_monai", "tune", "--bundle", "bundles/srcnn", "--trials", str(args.trials),
            "--study", args.study, "--storage", f"sqlite:///{(runs / 'optuna.db').as_posix()}",
            "--tracking-uri", env["MLFLOW_TRACKING_URI"], "--output", str(runs / "tune"),
-           "--best-out", str(args.best)]
+           "--best-out", str(args.best)] + (["--overwrite-best"] if args.overwrite_best else [])
     log(f"study: {' '.join(cmd[3:])}")
     t = run_logged(cmd, runs / "study.log", env)
     log(f"study finished in {t / 60:.1f} min; log {runs / 'study.log'}")
@@ -139,9 +141,16 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--study", default="example-srcnn")
     ap.add_argument("--final-epochs", type=int, default=10)
-    ap.add_argument("--best", type=Path, default=REPO / "experiments" / "best" / "srcnn.json")
+    ap.add_argument("--best", type=Path, default=None,
+                    help="best-override file (default: experiments/best/srcnn/<study>.json, as medsr tune writes it)")
     ap.add_argument("--runs", type=Path, default=REPO / "experiments" / "runs" / "tune_example")
+    ap.add_argument("--overwrite-best", action="store_true",
+                    help="replace a best file written by another study (e.g. the committed one, from another checkout)")
     args = ap.parse_args()
+    if args.best is None:
+        from medsr_monai.tuning.study import default_best_file
+
+        args.best = default_best_file(REPO / "experiments" / "best", REPO / "bundles" / "srcnn", args.study)
     runs = args.runs.resolve()
     (runs / "mlruns").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{(runs / 'mlruns' / 'mlflow.db').as_posix()}",

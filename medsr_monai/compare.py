@@ -14,7 +14,7 @@ configs use the same metric handlers):
 Metric names follow ``{prefix}{method}_{psnr|ssim}`` and ``{prefix}{baseline}_gain_db`` with ``prefix`` ``test_``
 (evaluation) or ``val_`` (validation during training) and ``method`` ``sr`` for the model (SRMetricsHandler, and the
 through-plane handler of seqsr_lstm, whose ``{prefix}sr_psnr`` is the mean over its three views). Every run logs
-several baselines (``bicubic`` and the MR-only ``zerofill`` for in-plane SR, ``linear``/``cubic`` through-plane,
+several baselines (the physics' matched ``baseline`` and ``bicubic`` for in-plane SR, ``linear``/``cubic``/``cubic_dc`` through-plane,
 ``lowdose``/``gaussian``/``nlm`` for denoising), so which one is "the" baseline of a row is a choice:
 :data:`BASELINES` fixes it per bundle and task (the baseline each bundle's README/demo table quotes, and which exists
 on all slices, not only MR ones), and :data:`BASELINE_FALLBACK` plus a last pattern rule (any other
@@ -48,18 +48,20 @@ from typing import Any
 __all__ = ["CompareError", "EmptyStoreError", "Row", "BASELINES", "BASELINE_FALLBACK", "collect_rows", "format_rows",
            "plot_quality_speed", "plot_side_by_side", "compare", "check_store"]
 
-#: baseline of each bundle (and task): the one its own results table quotes and that covers every test slice
+#: baseline of each bundle (and task): the matched classical inverse of its physics, which its own results table
+#: quotes and which covers every test slice (``baseline``: k-space zero-fill on MR, cubic on CT; ``cubic_dc``: cubic +
+#: slice-thickness consistency); runs recorded before the physics models fall back to the next keys
 BASELINES: dict[tuple[str, str | None], str] = {
-    ("srcnn", None): "bicubic",
-    ("edsr", None): "bicubic",
-    ("srgan", None): "bicubic",
-    ("seqsr_lstm", None): "cubic",
+    ("srcnn", None): "baseline",
+    ("edsr", None): "baseline",
+    ("srgan", None): "baseline",
+    ("seqsr_lstm", None): "cubic_dc",
     ("unet", "mri_recon"): "zerofill",
     ("unet", "ct_denoise"): "lowdose",
     ("cyclegan", None): "lowdose",
 }
 #: tried in this order for bundles/tasks not in :data:`BASELINES`; then any other ``{prefix}<key>_psnr``
-BASELINE_FALLBACK = ("bicubic", "cubic", "zerofill", "lowdose", "linear", "gaussian", "nlm")
+BASELINE_FALLBACK = ("baseline", "cubic_dc", "bicubic", "cubic", "zerofill", "lowdose", "linear", "gaussian", "nlm")
 #: ``{prefix}<key>_psnr`` keys that are not baselines (the model itself, the modality-balanced mean)
 _NOT_BASELINE = {"sr", "balanced"}
 _GROUP_PREFIX = re.compile(r"^(MR|CT|native|reformat_a|reformat_b)_")

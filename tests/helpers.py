@@ -264,3 +264,26 @@ def corner_cubic(x, axis: int, s: int):
         idx = np.clip(base + o, 0, n - 1)
         out = out + np.take(x, idx, axis=axis) * keys_cubic(t - o).reshape(shape)
     return out
+
+
+def kspace_zerofill_np(x, axis: int, s: int):
+    """Independent numpy k-space zero-filling by ``s`` along ``axis`` (the inverse of keeping the central ``n``
+    frequencies): the mean-normalised spectrum is zero-padded to ``s * n`` bins, an even-size Nyquist bin split
+    equally between +-n/2, and inverse-transformed; corner grid (LR voxel i at HR voxel s*i)."""
+    import numpy as np
+
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    n = x.shape[-1]
+    big = s * n
+    spec = np.fft.fft(x, axis=-1) / n
+    half = n // 2
+    pad = np.zeros(x.shape[:-1] + (big,), dtype=complex)
+    if n % 2:
+        pad[..., : half + 1] = spec[..., : half + 1]
+        pad[..., big - half:] = spec[..., half + 1:]
+    else:
+        pad[..., :half] = spec[..., :half]
+        pad[..., half] = 0.5 * spec[..., half]
+        pad[..., big - half] = 0.5 * spec[..., half]
+        pad[..., big - half + 1:] = spec[..., half + 1:]
+    return np.moveaxis((np.fft.ifft(pad, axis=-1) * big).real, -1, axis)

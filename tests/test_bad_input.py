@@ -232,11 +232,12 @@ def test_evaluate_without_checkpoint(tmp_path, tiny_datalist, store, previous_ru
 # ----------------------------------------------------------------------------------------------- inference
 def test_inference_bad_inputs_are_named(tmp_path, tiny_datalist):
     from medsr_monai.data import VolumeError
-    from medsr_monai.networks import SRCNN, InterpolationSR
+    from medsr_monai.networks import SRCNN, PhysicsSR
+    from medsr_monai.physics import in_plane_sr_physics
     from medsr_monai.workflows import VolumeSuperResolver
 
     def net():
-        return InterpolationSR(SRCNN(config="9-5-5"), scale=2, pre_upsample=True)
+        return PhysicsSR(SRCNN(config="9-5-5"), in_plane_sr_physics(2), pre_upsample=True)
 
     good = Path(_good_item(tiny_datalist)["image"])
     (tmp_path / "in").mkdir()

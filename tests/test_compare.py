@@ -57,11 +57,12 @@ def test_compare_tables_and_pngs(store, tmp_path, capsys):
     assert json.loads(printed) == json.loads(out_json.read_text())  # stdout = --out (notes go to stderr)
     assert set(rows) == {"srcnn", "edsr"}
     s, e = rows["srcnn"], rows["edsr"]
-    assert (s["task"], s["source"], s["baseline"], s["run_id"]) == ("x2", "test", "bicubic", sr_eval.info.run_id)
+    # the baseline of an SR row is the matched inverse of the bundle's physics (MR zero-fill, CT cubic)
+    assert (s["task"], s["source"], s["baseline"], s["run_id"]) == ("x2", "test", "baseline", sr_eval.info.run_id)
     assert s["psnr"] == pytest.approx(m["test_sr_psnr"]) and s["ssim"] == pytest.approx(m["test_sr_ssim"])
-    assert s["baseline_psnr"] == pytest.approx(m["test_bicubic_psnr"])
-    assert s["baseline_ssim"] == pytest.approx(m["test_bicubic_ssim"])
-    assert s["gain_db"] == pytest.approx(m["test_bicubic_gain_db"])
+    assert s["baseline_psnr"] == pytest.approx(m["test_baseline_psnr"])
+    assert s["baseline_ssim"] == pytest.approx(m["test_baseline_ssim"])
+    assert s["gain_db"] == pytest.approx(m["test_baseline_gain_db"])
     assert s["train_run_id"] == sr_train.info.run_id  # speed/params from the training run it evaluated
     assert s["params"] == int(sr_train.data.params["num_params"])
     assert s["train_time_s"] == pytest.approx((sr_train.info.end_time - sr_train.info.start_time) / 1000)
@@ -69,8 +70,8 @@ def test_compare_tables_and_pngs(store, tmp_path, capsys):
     em = edsr_train.data.metrics
     assert (e["source"], e["run_id"], e["params"]) == ("val", edsr_train.info.run_id,
                                                        int(edsr_train.data.params["num_params"]))
-    assert e["psnr"] == pytest.approx(em["val_sr_psnr"]) and e["gain_db"] == pytest.approx(em["val_bicubic_gain_db"])
-    assert e["baseline_psnr"] == pytest.approx(em["val_bicubic_psnr"])
+    assert e["psnr"] == pytest.approx(em["val_sr_psnr"]) and e["gain_db"] == pytest.approx(em["val_baseline_gain_db"])
+    assert e["baseline_psnr"] == pytest.approx(em["val_baseline_psnr"])
 
     # both PNGs written and readable (the side-by-side has a panel per method: wider than tall)
     import matplotlib.pyplot as plt
@@ -85,7 +86,7 @@ def test_compare_tables_and_pngs(store, tmp_path, capsys):
     md = capsys.readouterr().out
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "method" not in ln}
     assert set(lines) == {"srcnn", "edsr"}
-    assert f"{m['test_sr_psnr']:.2f}" in lines["srcnn"] and f"{m['test_bicubic_gain_db']:+.2f}" in lines["srcnn"]
+    assert f"{m['test_sr_psnr']:.2f}" in lines["srcnn"] and f"{m['test_baseline_gain_db']:+.2f}" in lines["srcnn"]
     assert f"{em['val_sr_psnr']:.2f}" in lines["edsr"] and "| val |" in lines["edsr"]
     assert main(["compare", "--tracking-uri", uri, "--format", "csv", "--select", "latest",
                  "--plot", "", "--images", ""]) == 0
@@ -94,7 +95,7 @@ def test_compare_tables_and_pngs(store, tmp_path, capsys):
     assert float(rows_csv["srcnn"]["psnr"]) == pytest.approx(m["test_sr_psnr"])
     latest = _expected(uri, "edsr", "val", "latest")
     assert rows_csv["edsr"]["run_id"] == latest.info.run_id
-    assert float(rows_csv["edsr"]["gain_db"]) == pytest.approx(latest.data.metrics["val_bicubic_gain_db"])
+    assert float(rows_csv["edsr"]["gain_db"]) == pytest.approx(latest.data.metrics["val_baseline_gain_db"])
     assert rows_csv["edsr"]["images_per_s_estimated"] == "True"  # the bundles log no throughput metric
 
 
@@ -154,6 +155,10 @@ def test_baseline_and_task_rules():
     assert pick_baseline("unet", "mri_recon", m, "test_") == "zerofill"
     assert pick_baseline("unet", "ct_denoise", m, "test_") == "lowdose"
     assert pick_baseline("newnet", None, m, "test_") == "zerofill"  # BASELINE_FALLBACK order
+    # SR bundles: the physics' matched baseline; runs recorded before it fall back to cubic
+    assert pick_baseline("edsr", None, {"test_sr_psnr": 1.0, "test_baseline_psnr": 0.9, "test_bicubic_psnr": 0.8},
+                         "test_") == "baseline"
+    assert pick_baseline("edsr", None, {"test_sr_psnr": 1.0, "test_bicubic_psnr": 0.8}, "test_") == "bicubic"
     assert pick_baseline("newnet", None, {"val_sr_psnr": 1.0, "val_foo_psnr": 0.5}, "val_") == "foo"
     assert pick_baseline("newnet", None, {"val_sr_psnr": 1.0}, "val_") is None
     assert task_of({"method": "srcnn", "scale": "2"}) == "x2"

@@ -317,7 +317,8 @@ def test_srgan_bundle_train_evaluate_infer(tiny_datalist, tmp_path):
     assert (models / "srresnet.pt").is_file() and (models / "model.pt").is_file()
     # the SRResNet phase and the adversarial phase left different generators
     sr_state, gan_state = load_state(models / "srresnet.pt"), load_state(models / "model.pt")
-    assert any(not torch.equal(sr_state[k], gan_state[k]) for k in sr_state)
+    assert any(not torch.equal(sr_state[k], gan_state[k]) for k in sr_state if isinstance(sr_state[k], torch.Tensor))
+    assert sr_state["_extra_state"] == gan_state["_extra_state"]  # both record the bundle's physics
 
     (r,) = runs_of(env["MLFLOW_TRACKING_URI"], "srgan")
     assert r.info.status == "FINISHED"
@@ -332,18 +333,20 @@ def test_srgan_bundle_train_evaluate_infer(tiny_datalist, tmp_path):
     assert len(hist["g_pixel"]) == 2 * epoch_length  # every iteration of both phases
     for k in ("d_loss", "d_real", "d_fake", "g_adversarial"):  # adversarial phase only
         assert len(hist[k]) == epoch_length and all(math.isfinite(m.value) for m in hist[k]), k
-    assert len(hist["val_sr_psnr"]) == 2 and len(hist["val_sr_gmsd"]) == 2
+    # validated before the first step (the untrained generator is the physics baseline) and after each epoch
+    assert len(hist["val_sr_psnr"]) == 3 and len(hist["val_sr_gmsd"]) == 3
     arts = artifact_paths(env["MLFLOW_TRACKING_URI"], r.info.run_id)
     assert {"model.pt", "srresnet.pt", "executed_config.json", "grid_latest.png"} <= set(arts), arts
 
-    # evaluation: SRGAN, its own SRResNet, cubic and zero-fill on the same held-out slices, with sharpness
+    # evaluation: SRGAN, its own SRResNet, the matched baseline and cubic on the same held-out slices, with sharpness
     proc = run(bundle_cmd("run", "srgan", ["train", "evaluate"], **paths, **SRGAN_TINY), env)
     assert proc.returncode == 0, tail(proc.stdout)
     m = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
-    for method in ("sr", "srresnet", "bicubic"):
+    for method in ("sr", "srresnet", "baseline", "bicubic"):
         for metric in ("psnr", "ssim", "gmsd", "sharpness"):
             assert math.isfinite(m[f"test_{method}_{metric}"]), (method, metric)
-    assert "test_MR_zerofill_psnr" in m and "test_srresnet_gain_db" in m
+    # the matched baseline (MR: k-space zero-fill) is reported beside cubic, and beats it on MR
+    assert m["test_MR_baseline_psnr"] > m["test_MR_bicubic_psnr"] and "test_srresnet_gain_db" in m
     assert m["test_sr_psnr"] != m["test_srresnet_psnr"]
 
     # whole-volume inference: x4 in-plane, affine and dtype right

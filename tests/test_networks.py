@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from medsr_monai.networks import EDSR, SRCNN, InterpolationSR, find_last_conv
+from medsr_monai.networks import EDSR, SRCNN, PhysicsSR, find_last_conv
 from medsr_monai.transforms.grid import interpolate_scaled
 from medsr_monai.transforms.grid import grid_interpolate
 
@@ -127,72 +127,65 @@ def test_edsr_input_offset():
     assert torch.equal(net(torch.rand(1, 1, 4, 4)), torch.full((1, 1, 8, 8), 0.5))
 
 
-# ------------------------------------------------------------------------------------------ InterpolationSR
+# ------------------------------------------------------------------------------------------ PhysicsSR
 
 
-def make_models(scale: int, spatial_dims: int = 2, **kw) -> dict[str, InterpolationSR]:
+def make_models(scale: int, spatial_dims: int = 2, physics=None, **kw) -> dict[str, PhysicsSR]:
+    from medsr_monai.physics import Decimation
+
+    physics = physics if physics is not None else Decimation(scale, spatial_dims=spatial_dims)
     feats = (16, 8) if spatial_dims == 3 else (64, 32)
     return {
-        "srcnn": InterpolationSR(
-            SRCNN(spatial_dims, config="9-1-5", features=feats),
-            scale=scale,
-            pre_upsample=True,
-            spatial_dims=spatial_dims,
-            **kw,
-        ),
-        "edsr": InterpolationSR(
-            EDSR(spatial_dims, scale=scale, num_blocks=2, features=8), scale=scale, spatial_dims=spatial_dims, **kw
-        ),
+        "srcnn": PhysicsSR(SRCNN(spatial_dims, config="9-1-5", features=feats), physics, pre_upsample=True, **kw),
+        "edsr": PhysicsSR(EDSR(spatial_dims, scale=scale, num_blocks=2, features=8), physics, **kw),
     }
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
-@pytest.mark.parametrize("grid", ["corner", "center"])
-def test_wrapper_starts_at_interpolation(scale, grid):
+def test_wrapper_starts_at_the_physics_baseline(scale):
+    from medsr_monai.physics import KSpaceTruncation
+
     torch.manual_seed(0)
-    x = torch.rand(2, 1, 7, 6)
-    ref = grid_interpolate(x, scale, mode="cubic", grid=grid, spatial_dims=2)
-    for name, model in make_models(scale, grid=grid).items():
-        y = model(x)
-        assert y.shape == (2, 1, 7 * scale, 6 * scale), name
-        assert torch.equal(y, ref), name
-        assert torch.equal(model.interpolate(x), ref), name
+    x = torch.rand(2, 1, 8, 6)
+    for physics, ref in ((None, grid_interpolate(x, scale, mode="cubic", grid="corner", spatial_dims=2)),
+                         (KSpaceTruncation(scale), KSpaceTruncation(scale).baseline(x))):
+        for name, model in make_models(scale, physics=physics).items():
+            y = model(x)
+            assert y.shape == (2, 1, 8 * scale, 6 * scale), name
+            torch.testing.assert_close(y, ref, atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(model.baseline(x), ref, atol=1e-6, rtol=0, msg=name)
 
 
 def test_wrapper_3d_shapes():
-    x = torch.rand(1, 1, 4, 5, 3)
+    x = torch.rand(1, 1, 4, 6, 4)
     for name, model in make_models(2, spatial_dims=3).items():
         y = model(x)
-        assert y.shape == (1, 1, 8, 10, 6), name
+        assert y.shape == (1, 1, 8, 12, 8), name
         assert torch.equal(y, grid_interpolate(x, 2, mode="cubic", grid="corner", spatial_dims=3)), name
 
 
 def test_wrapper_anisotropic_pre_upsample():
-    model = InterpolationSR(SRCNN(3, features=(4, 4)), scale=(1, 1, 4), pre_upsample=True, spatial_dims=3)
+    from medsr_monai.physics import SliceThickness
+
+    model = PhysicsSR(SRCNN(3, features=(4, 4)), SliceThickness(4, axis=-1, spatial_dims=3), pre_upsample=True)
     assert model(torch.rand(1, 1, 6, 6, 3)).shape == (1, 1, 6, 6, 12)
 
 
-def test_wrapper_no_residual_keeps_init():
-    net = EDSR(scale=2, num_blocks=1, features=8)
-    w = net.tail.weight.clone()
-    model = InterpolationSR(net, scale=2, residual=False)
-    assert torch.equal(model.net.tail.weight, w)  # zero-init only applies to residual models
-    assert model(torch.rand(1, 1, 4, 4)).shape == (1, 1, 8, 8)
-
-
 def test_wrapper_validation():
+    from medsr_monai.physics import Decimation
+
+    with pytest.raises(ValueError, match="upsamples by 2"):
+        PhysicsSR(EDSR(scale=2, num_blocks=1, features=8), Decimation(4))  # net upsamples by 2
+    with pytest.raises(ValueError, match="grid"):
+        from medsr_monai.physics import grid_interpolate as gi
+
+        gi(torch.rand(1, 1, 2, 2), 2, grid="middle")
+    with pytest.raises(ValueError, match="unknown physics"):
+        PhysicsSR(SRCNN(), {"physics": "lanczos"})
     with pytest.raises(ValueError):
-        InterpolationSR(EDSR(scale=2, num_blocks=1, features=8), scale=4)  # net upsamples by 2
-    with pytest.raises(ValueError):
-        InterpolationSR(EDSR(scale=2, num_blocks=1, features=8), scale=2, pre_upsample=True)
-    with pytest.raises(ValueError):
-        InterpolationSR(SRCNN(), scale=2, grid="middle")
-    with pytest.raises(ValueError):
-        InterpolationSR(SRCNN(), scale=2, mode="lanczos")
-    with pytest.raises(ValueError):
-        InterpolationSR(nn.Identity(), scale=2)  # nothing to zero-initialise
+        PhysicsSR(nn.Identity(), Decimation(2))  # nothing to zero-initialise
     with pytest.warns(UserWarning, match="input_offset"):
-        InterpolationSR(EDSR(scale=2, num_blocks=1, features=8, input_offset=0.5), scale=2)
+        PhysicsSR(EDSR(scale=2, num_blocks=1, features=8, input_offset=0.5), Decimation(2))
 
 
 @pytest.mark.parametrize("name", ["srcnn", "edsr"])
@@ -230,23 +223,25 @@ def test_scripted_interpolation_matches_eager_grid_interpolate(mode, grid, scale
     assert torch.equal(scripted(x3, scales + [2.0], mode, grid), ref3)
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("scale", [2, 3, 4])
-def test_torchscript_matches_eager(spatial_dims, scale):
+def test_traced_physics_model_matches_eager(scale):
+    """Physics models are not scriptable (the physics is a plain Python object); ``torch.jit.trace`` (MONAI's
+    ``ckpt_export --use_trace``) exports them for one input size."""
+    from medsr_monai.physics import in_plane_sr_physics
+
     torch.manual_seed(0)
-    # zero_init_last=False so that the network contributes to the output being compared.
-    x = torch.rand((1, 1) + (5,) * spatial_dims)
-    for name, model in make_models(scale, spatial_dims=spatial_dims, zero_init_last=False).items():
+    x = torch.rand(1, 1, 12, 12)
+    physics = in_plane_sr_physics(scale, default="MR")
+    for name, model in make_models(scale, physics=physics, zero_init_last=False).items():
         model.eval()
-        scripted = torch.jit.script(model)
+        traced = torch.jit.trace(model, x)
         buf = io.BytesIO()
-        torch.jit.save(scripted, buf)
+        torch.jit.save(traced, buf)
         buf.seek(0)
         loaded = torch.jit.load(buf)
         with torch.no_grad():
             eager = model(x)
-            assert not torch.equal(eager, model.interpolate(x)), name
-            torch.testing.assert_close(scripted(x), eager, rtol=1e-5, atol=1e-6, msg=name)
+            assert not torch.equal(eager, model.baseline(x)), name
             torch.testing.assert_close(loaded(x), eager, rtol=1e-5, atol=1e-6, msg=name)
 
 

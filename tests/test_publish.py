@@ -24,6 +24,8 @@ import torch
 from helpers import PYTHON, REPO, bundle_env, crop_nifti, expr, load_state, run, runs_of, sha256, tail
 
 NAME = "edsr"
+#: the bundle's current version (its metadata), which the archive is named after
+VERSION = json.loads((REPO / "bundles" / NAME / "configs" / "metadata.json").read_text())["version"]
 
 
 def _copy_bundle(dest: Path, model: Path) -> Path:
@@ -51,7 +53,7 @@ def published(trained_bundle, sample_dir, tmp_path_factory):
     proc = _medsr("publish", src, "--out", dist, "--sample", scan, env=env)
     assert proc.returncode == 0, tail(proc.stdout)
     return {"tb": tb, "root": root, "src": src, "scan": scan, "env": env, "dist": dist, "proc": proc,
-            "zip": dist / f"{NAME}_0.1.0.zip"}
+            "zip": dist / f"{NAME}_{VERSION}.zip"}
 
 
 def _manifest(archive: Path) -> dict:
@@ -72,7 +74,7 @@ def test_publish_writes_checksums_and_training_provenance(published):
     archive, src, tb = published["zip"], published["src"], published["tb"]
     assert archive.is_file(), published["proc"].stdout
     manifest = _manifest(archive)
-    assert manifest["name"] == NAME and manifest["version"] == "0.1.0"
+    assert manifest["name"] == NAME and manifest["version"] == VERSION
     expected = {p.relative_to(src).as_posix(): sha256(p) for p in src.rglob("*") if p.is_file()}
     assert manifest["files"] == expected  # every file, with its sha256
     for required in ("configs/metadata.json", "LICENSE", "models/model.pt", "docs/README.md", "docs/data_license.txt"):
@@ -91,7 +93,7 @@ def test_publish_refuses_the_same_version_twice(published):
     proc = _medsr("publish", published["src"], "--out", published["dist"], "--sample", published["scan"],
                   env=published["env"])
     assert proc.returncode == 2
-    assert "medsr publish: error:" in proc.stdout and "0.1.0 of edsr is already published" in proc.stdout
+    assert "medsr publish: error:" in proc.stdout and f"{VERSION} of edsr is already published" in proc.stdout
 
 
 def _edit_meta(bundle: Path, edit) -> None:
@@ -106,7 +108,7 @@ def _remove_ndf(meta):
 
 
 def _version_without_changelog(meta):
-    meta["version"] = "0.2.0"
+    meta["version"] = "9.9.0"
 
 
 def _lower_version(meta):
@@ -119,8 +121,8 @@ def _lower_version(meta):
     ("missing weights", lambda b: (b / "models" / "model.pt").unlink(), "models/model.pt"),
     ("invalid metadata", lambda b: _edit_meta(b, _remove_ndf), "'network_data_format' is a required property"),
     ("version not in changelog", lambda b: _edit_meta(b, _version_without_changelog),
-     "version '0.2.0' has no entry in \"changelog\""),
-    ("lower version", lambda b: _edit_meta(b, _lower_version), "0.0.9 is lower than 0.1.0"),
+     "version '9.9.0' has no entry in \"changelog\""),
+    ("lower version", lambda b: _edit_meta(b, _lower_version), f"0.0.9 is lower than {VERSION}"),
 ])
 def test_publish_refuses_a_broken_bundle(published, tmp_path, capsys, monkeypatch, case, edit, message):
     from medsr_monai.cli import main
@@ -129,12 +131,12 @@ def test_publish_refuses_a_broken_bundle(published, tmp_path, capsys, monkeypatc
     edit(bundle)
     dist = tmp_path / "dist"
     dist.mkdir()
-    shutil.copy2(published["zip"], dist)  # 0.1.0 already out
+    shutil.copy2(published["zip"], dist)  # the current version already out
     monkeypatch.setenv("MLFLOW_TRACKING_URI", published["tb"].uri)
     assert main(["publish", str(bundle), "--out", str(dist), "--sample", str(published["scan"])]) == 2
     err = capsys.readouterr().err
     assert "medsr publish: error:" in err and message in err, err
-    assert sorted(p.name for p in dist.iterdir()) == [f"{NAME}_0.1.0.zip"]  # nothing new written
+    assert sorted(p.name for p in dist.iterdir()) == [f"{NAME}_{VERSION}.zip"]  # nothing new written
 
 
 def test_publish_without_a_training_run(published, tmp_path, capsys, monkeypatch):
@@ -153,7 +155,7 @@ def test_publish_without_a_training_run(published, tmp_path, capsys, monkeypatch
 
     assert main(args + ["--allow-no-provenance"]) == 0
     assert "PUBLISHING WITH PROVENANCE 'unknown'" in capsys.readouterr().err
-    assert _manifest(tmp_path / "dist" / f"{NAME}_0.1.0.zip")["provenance"] == "unknown"
+    assert _manifest(tmp_path / "dist" / f"{NAME}_{VERSION}.zip")["provenance"] == "unknown"
 
 
 def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatch):
@@ -166,7 +168,7 @@ def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatc
     assert main(args + ["--run-id", "0123456789abcdef"]) == 2
     assert "--run-id 0123456789abcdef: no such run" in capsys.readouterr().err
     assert main(args + ["--run-id", finished.info.run_id]) == 0
-    prov = _manifest(tmp_path / "dist" / f"{NAME}_0.1.0.zip")["provenance"]
+    prov = _manifest(tmp_path / "dist" / f"{NAME}_{VERSION}.zip")["provenance"]
     assert prov["run_id"] == finished.info.run_id and prov["status"] == "FINISHED"
 
 

@@ -169,7 +169,9 @@ def test_train_cli_mlflow_run(trained, tmp_path):
     r = runs[0]
     assert r.info.status == "FINISHED" and r.info.run_name.startswith(f"{BUNDLE}-")
     p = r.data.params
-    assert p["scale"] == "2" and p["window"] == "4" and p["profile"] == "box" and p["interp_mode"] == "cubic"
+    assert p["scale"] == "2" and p["window"] == "4" and p["profile"] == "box"
+    assert json.loads(p["physics_config"]) == {"physics": "slice_thickness", "spatial_dims": 3, "dc": True, "factor": 2,
+                                               "axis": 0, "profile": "box"}
     assert p["train_axes"] == "[0, 1, 2]" and p["batch_size"] == "4" and p["max_epochs"] == "2"
     net = network_from_config(BUNDLE, **NET)
     assert int(p["num_params"]) == sum(t.numel() for t in net.parameters())
@@ -182,7 +184,11 @@ def test_train_cli_mlflow_run(trained, tmp_path):
     for key in ("val_psnr", "val_sr_psnr", "val_linear_psnr", "val_cubic_psnr", "val_reformat_a_sr_ssim",
                 "val_native_cubic_gain_db"):
         assert key in m, sorted(m)
-    assert len(mlflow_client(uri).get_metric_history(r.info.run_id, "val_sr_psnr")) == 2  # once per epoch
+    # validated before the first step (the untrained model is the physics baseline: the floor) and once per epoch
+    sr = sorted(mlflow_client(uri).get_metric_history(r.info.run_id, "val_sr_psnr"), key=lambda m: m.step)
+    base = sorted(mlflow_client(uri).get_metric_history(r.info.run_id, "val_cubic_dc_psnr"), key=lambda m: m.step)
+    assert len(sr) == 3 and [m.step for m in sr] == [0, 1, 2]
+    assert sr[0].value == pytest.approx(base[0].value, abs=1e-4)  # untrained = cubic + consistency
     assert 20 < m["val_cubic_psnr"] < 60 and 20 < m["val_sr_psnr"] < 60
     assert m["val_cubic_psnr"] > m["val_linear_psnr"]  # cubic beats linear on a real 1 mm brain
     t = r.data.tags
@@ -197,7 +203,12 @@ def test_train_cli_mlflow_run(trained, tmp_path):
     assert sha256(download_artifact(uri, r.info.run_id, "model.pt", tmp_path)) == sha256(model)
     state = load_state(model)
     net.load_state_dict(state)  # strict: the inference network
-    assert float(state["head.2.weight"].abs().max()) > 0  # the zero-initialised head was trained
+    # the best checkpoint by validation: the trained head if a trained epoch beat the untrained model (the physics
+    # baseline, validated before the first step), else the floor with its zero head
+    val = [m.value for m in sorted(mlflow_client(uri).get_metric_history(r.info.run_id, "val_psnr"),
+                                   key=lambda m: m.step)]
+    trained_won = max(val[1:]) > val[0]
+    assert (float(state["net.head.2.weight"].abs().max()) > 0) == trained_won, val
     assert (root / "out" / "checkpoints" / "COMPLETED").read_text().strip() == "epoch 2"
 
 
@@ -209,14 +220,16 @@ def test_evaluate_cli_table(trained, seq_data):
     assert f"Restored all variables from {root / 'models' / 'model.pt'}" in ev.stdout
     eval_dir = root / "out" / "evaluation"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    for method in ("sr", "linear", "cubic"):
+    for method in ("sr", "linear", "cubic", "cubic_dc"):
         for view in ("native", "reformat_a", "reformat_b"):
             for metric in ("psnr", "ssim"):
                 assert math.isfinite(metrics[f"test_{view}_{method}_{metric}"])
     assert metrics["test_cubic_gain_db"] == pytest.approx(metrics["test_sr_psnr"] - metrics["test_cubic_psnr"])
     table = (eval_dir / "metrics.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "PSNR" not in line]
-    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["linear", "cubic", "BiConvLSTM"]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["linear", "cubic", "cubic+consistency", "BiConvLSTM"]
+    # the matched baseline: cubic + slice-thickness consistency beats cubic on a real head
+    assert metrics["test_cubic_dc_psnr"] > metrics["test_cubic_psnr"]
     assert f"{metrics['test_reformat_a_cubic_psnr']:.2f}" in rows[1]
     runs = runs_of(env["MLFLOW_TRACKING_URI"], BUNDLE)
     evals = [r for r in runs if r.info.run_name.startswith(f"{BUNDLE}-eval")]
@@ -292,7 +305,8 @@ def test_bundle_tools(trained, seq_data, tmp_path):
     ts = tmp_path / "seqsr.ts"
     p = run(_tool("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
                   "--config_file", str(config(BUNDLE, "inference")), "--meta_file", str(meta),
-                  "--features", "8", "--hidden_channels", "8"), env)
+                  "--features", "8", "--hidden_channels", "8", "--use_trace", "True",
+                  "--input_shape", "[1, 1, 16, 48, 48]"), env)
     assert p.returncode == 0, tail(p.stdout)
     # TorchScript equals eager on a real thick window
     vol = nib.load(str(seq_data / "pydeface_mean.nii.gz")).get_fdata(dtype=np.float32)
@@ -306,7 +320,7 @@ def test_bundle_tools(trained, seq_data, tmp_path):
         y_e, y_s = eager(x), scripted(x)
     assert y_s.shape == (1, 1, 32, 48, 48)
     torch.testing.assert_close(y_s, y_e, atol=1e-5, rtol=1e-5)
-    assert float((y_e - eager.interpolate(x)).abs().max()) > 1e-6  # the trained residual was exported
+    assert float((y_e - eager.baseline(x)).abs().max()) > 1e-6  # the trained residual was exported
 
 
 def test_resume_after_sigkill(seq_data, tmp_path):

@@ -42,8 +42,6 @@ from medsr_monai.transforms import (
 )
 from medsr_monai.transforms.noise import pixel_size_from_affine
 
-ROOT = Path(__file__).resolve().parents[1]
-BRAIN1 = ROOT / "data" / "samples" / "nifti" / "brain1.nii.gz"
 
 
 def band_limited(shape, scale, seed=0, n_terms=5, dtype=torch.float64):
@@ -430,11 +428,10 @@ def test_select_by_key_forwards_random_state():
 
 
 # ------------------------------------------------------------------------------------------------------- real data
-def test_real_brain_slice_grid_matters():
-    if not BRAIN1.exists():
-        pytest.skip(f"{BRAIN1.relative_to(ROOT)} not present (written by the sample-data downloader)")
-    nib = pytest.importorskip("nibabel")
-    nii = nib.load(str(BRAIN1))
+def test_real_brain_slice_grid_matters(sample_dir):
+    import nibabel as nib
+
+    nii = nib.load(str(sample_dir / "nifti" / "brain1.nii.gz"))
     vol = np.asarray(nii.dataobj, dtype=np.float32)
     k = vol.shape[2] // 2
     sl = MetaTensor(torch.from_numpy(vol[None, :, :, k].copy()), affine=torch.as_tensor(nii.affine))

@@ -7,6 +7,7 @@ private MLflow store, so states are checked where a user would look: the Optuna 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -49,7 +50,7 @@ def tune_cmd(tmp: Path, datalist: Path, study: str, trials: int, *extra: str) ->
     return [PYTHON, "-m", "medsr_monai", "tune", "--bundle", str(REPO / "bundles" / "srcnn"), "--trials", str(trials),
             "--study", study, "--storage", storage(tmp), "--space", str(tmp / "space.json"),
             "--set", f"dataset_dir={datalist.parent}", "--output", str(tmp / "tune"),
-            "--best-out", str(tmp / "best" / "srcnn.json"), *extra]
+            "--best-dir", str(tmp / "best"), *extra]
 
 
 def storage(tmp: Path) -> str:
@@ -138,6 +139,12 @@ def test_cli_refuses_bad_storage_missing_ids_and_unknown_metric(tmp_path, tiny_d
     proc = run(tune_cmd(tmp_path, tiny_datalist, "s", 1), env, timeout=300)
     assert proc.returncode == 2 and "no_such_setting" in proc.stdout and "space.json" in proc.stdout, tail(proc.stdout)
     assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage(tmp_path))
+    # --trials 0: refused before anything is created (no study, no WAITING trial, no parent run)
+    tiny_space(tmp_path)
+    proc = run(tune_cmd(tmp_path, tiny_datalist, "zero", 0), env, timeout=300)
+    assert proc.returncode == 2 and "--trials 0" in proc.stdout, tail(proc.stdout)
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage(tmp_path))
+    assert runs_of(env["MLFLOW_TRACKING_URI"], "srcnn-tune") == []
     # an objective the evaluator does not report: the trial fails, the study stops and says what there is
     tiny_space(tmp_path)
     proc = run(tune_cmd(tmp_path, tiny_datalist, "m", 3, "--objective", "val_lpips", "--no-default-trial",
@@ -149,7 +156,162 @@ def test_cli_refuses_bad_storage_missing_ids_and_unknown_metric(tmp_path, tiny_d
     assert parent.info.status == "FAILED" and runs[0].info.status == "FAILED"
 
 
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_missing_dataset_stops_before_any_trial(tmp_path, tiny_datalist):
+    """A checkout whose sample scans were never fetched: one clear error naming the path and the fix, as the last
+    line, and nothing created (no study, no trial, no MLflow run)."""
+    import shutil
+
+    checkout = tmp_path / "checkout"  # bundles/srcnn of a checkout without data/samples
+    shutil.copytree(REPO / "bundles" / "srcnn" / "configs", checkout / "bundles" / "srcnn" / "configs")
+    env = bundle_env(tmp_path)
+    tiny_space(tmp_path)
+    cmd = tune_cmd(tmp_path, tiny_datalist, "nodata", 3)
+    cmd[cmd.index("--bundle") + 1] = str(checkout / "bundles" / "srcnn")
+    i = cmd.index("--set")
+    del cmd[i:i + 2]  # the bundle's own dataset_dir: <checkout>/data/samples
+    proc = run(cmd, env, timeout=300)
+    assert proc.returncode == 2, tail(proc.stdout)
+    last = _last_line(proc.stdout)
+    assert last.startswith("medsr tune: error:") and str(checkout / "data" / "samples") in last, tail(proc.stdout)
+    assert "medsr data samples" in last and "--set dataset_dir=" in last, last
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage(tmp_path))
+    assert runs_of(env["MLFLOW_TRACKING_URI"], "srcnn-tune") == []
+    assert not (tmp_path / "tune").exists()
+
+    # every bundle: a dataset_dir that does not exist, and a datalist naming a file that does not exist
+    from medsr_monai.tuning.space import Objective, load_space
+    from medsr_monai.tuning.study import TuneError, TuneSettings, check_data
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "datalist.json").write_text(json.dumps({s: [{"image": f"nifti/gone_{s}.nii.gz", "subject": "x",
+                                                          "modality": "MR"}] for s in ("training", "validation")}))
+    for bundle in sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/train.json")):
+        gone = "mni152" if bundle.name == "seqsr_lstm" else "gone_"  # seqsr_lstm reads nifti volumes by name
+        for data, named in ((tmp_path / "nowhere", str(tmp_path / "nowhere")), (broken, gone)):
+            settings = TuneSettings(bundle=bundle, trials=1, study_name="x", storage=storage(tmp_path),
+                                    space=load_space(None), objective=Objective.parse("val_psnr"), tracking_uri="",
+                                    output_root=tmp_path / "tune", best_out=tmp_path / "best.json",
+                                    fixed={"dataset_dir": str(data)})
+            with pytest.raises(TuneError, match=r"has no data: .*no trial was started") as err:
+                check_data(settings)
+            assert named in str(err.value) and "\n" not in str(err.value), (bundle.name, str(err.value))
+        tiny = tiny_datalist.parent / ("nifti" if bundle.name == "seqsr_lstm" else "")
+        check_data(TuneSettings(  # the tiny data itself passes
+            bundle=bundle, trials=1, study_name="x", storage=storage(tmp_path), space=load_space(None),
+            objective=Objective.parse("val_psnr"), tracking_uri="", output_root=tmp_path / "tune",
+            best_out=tmp_path / "best.json", fixed={"dataset_dir": str(tiny)}))
+
+
+def test_best_file_is_per_study_and_the_example_result_is_in_place():
+    """``experiments/best/<bundle>/<study>.json``; the committed example study's result is where its study name puts
+    it, and says which study wrote it."""
+    import argparse
+
+    from medsr_monai.tuning.cli import register, settings_from_args
+    from medsr_monai.tuning.study import best_file_owner
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def best_of(*argv: str) -> Path:
+        args = parser.parse_args(["tune", "--bundle", str(REPO / "bundles" / "srcnn"), "--trials", "1", *argv])
+        return settings_from_args(args, []).best_out
+
+    best = REPO / "experiments" / "best"
+    assert best_of() == best / "srcnn" / "srcnn.json"
+    assert best_of("--study", "mytest") == best / "srcnn" / "mytest.json"
+    assert best_of("--study", "my test/1", "--best-dir", "/x") == Path("/x/srcnn/my_test_1.json")
+    assert best_of("--best-out", "/x/b.json") == Path("/x/b.json")
+    example = best_of("--study", "example-srcnn")
+    assert example.is_file() and best_file_owner(example)["study"] == "example-srcnn"
+    assert not list(best.glob("*.json")), "best files live in experiments/best/<bundle>/<study>.json"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_separate_processes_on_one_storage_draw_different_trials(tmp_path):
+    """Two ``medsr tune`` calls started separately on one storage (same --seed, both finding an empty study) do not
+    run identical trials; one call re-run from the same state draws the same values."""
+    from medsr_monai.tuning.space import Objective, load_space
+    from medsr_monai.tuning.study import TuneSettings, _load_study, open_storage
+
+    def draws(db: str) -> list[float]:
+        settings = TuneSettings(bundle=REPO / "bundles" / "srcnn", trials=4, study_name="p",
+                                storage=f"sqlite:///{(tmp_path / db).as_posix()}", space=load_space(None),
+                                objective=Objective.parse("val_psnr"), tracking_uri="", output_root=tmp_path,
+                                best_out=tmp_path / "b.json")
+        st = open_storage(settings.storage)
+        a, seed_a = _load_study(settings, st, worker=0)  # "process" A
+        b, seed_b = _load_study(settings, st, worker=0)  # "process" B, started before A ran a trial
+        assert seed_a == seed_b
+        out = []
+        for study in (a, b, a, b):
+            t = study.ask()
+            out.append(t.suggest_float("learning_rate", 1e-5, 1e-2, log=True))
+            study.tell(t, 1.0)
+        return out
+
+    first = draws("one.db")
+    assert len(set(first)) == 4, first
+    assert draws("two.db") == first
+
+
 # ---------------------------------------------------------------------------------------------------- studies
+@pytest.mark.slow
+def test_second_study_keeps_the_first_studys_best_file(tmp_path, tiny_datalist):
+    """Each study writes its own best file; a study told to write another study's file is refused before its first
+    trial unless --overwrite-best."""
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
+    tiny_space(tmp_path, params={"batch_size": {"type": "categorical", "choices": [4]},
+                                 "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}})
+    base = ["--no-default-trial", "--pruner", "none"]
+    first = run(tune_cmd(tmp_path, tiny_datalist, "first", 1, *base), env, timeout=600)
+    assert first.returncode == 0, tail(first.stdout)
+    first_file = tmp_path / "best" / "srcnn" / "first.json"
+    before = first_file.read_bytes()
+    assert json.loads(before)["tuned_by"]["study"] == "first"
+
+    second = run(tune_cmd(tmp_path, tiny_datalist, "second", 1, *base), env, timeout=600)
+    assert second.returncode == 0, tail(second.stdout)
+    assert first_file.read_bytes() == before, "the second study rewrote the first study's best file"
+    second_file = tmp_path / "best" / "srcnn" / "second.json"
+    assert json.loads(second_file.read_text())["tuned_by"]["study"] == "second"
+    assert str(second_file) in second.stdout
+
+    # pointed at the first study's file: refused before any trial, the file unchanged
+    refused = run(tune_cmd(tmp_path, tiny_datalist, "second", 2, *base, "--best-out", str(first_file)), env,
+                  timeout=300)
+    assert refused.returncode == 2, tail(refused.stdout)
+    last = _last_line(refused.stdout)
+    assert str(first_file) in last and "'first'" in last and "--overwrite-best" in last, last
+    assert len(load(tmp_path, "second").trials) == 1 and first_file.read_bytes() == before
+    # asked to: replaced, and tuned_by says by which study
+    forced = run(tune_cmd(tmp_path, tiny_datalist, "second", 1, *base, "--best-out", str(first_file),
+                          "--overwrite-best"), env, timeout=300)
+    assert forced.returncode == 0, tail(forced.stdout)
+    assert json.loads(first_file.read_text())["tuned_by"]["study"] == "second"
+
+
+@pytest.mark.slow
+def test_study_where_every_trial_fails_exits_non_zero(tmp_path, tiny_datalist):
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
+    tiny_space(tmp_path, params={"batch_size": {"type": "categorical", "choices": [4]},
+                                 "lr_schedule": {"type": "categorical", "choices": ["bogus"]}})
+    proc = run(tune_cmd(tmp_path, tiny_datalist, "f", 2, "--no-default-trial", "--pruner", "none"), env, timeout=600)
+    assert proc.returncode == 1, tail(proc.stdout)
+    assert "every trial failed" in proc.stdout
+    last = _last_line(proc.stdout)
+    assert last.startswith("medsr tune: error: every trial of study 'f' failed") and "bogus" in last, last
+    assert [t.state.name for t in load(tmp_path, "f").trials] == ["FAIL", "FAIL"]
+    parent, runs = study_runs(env["MLFLOW_TRACKING_URI"], "f")
+    assert parent.info.status == "FAILED" and "every trial failed" in parent.data.tags["medsr.end_reason"]
+    assert not (tmp_path / "best").exists()
+
+
 @pytest.mark.slow
 def test_study_resumes_prunes_survives_a_crash_and_writes_a_usable_best_override(tmp_path, tiny_datalist):
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
@@ -193,7 +355,7 @@ def test_study_resumes_prunes_survives_a_crash_and_writes_a_usable_best_override
     assert mpimg.imread(str(png)).shape[0] > 100
 
     # the best override: the best complete trial's params, accepted by monai.bundle run as a second config file
-    best_file = tmp_path / "best" / "srcnn.json"
+    best_file = tmp_path / "best" / "srcnn" / "s.json"
     best = json.loads(best_file.read_text())
     winner = max((t for t in st.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert {k: v for k, v in best.items() if k != "tuned_by"} == winner.params
@@ -225,8 +387,9 @@ def test_two_workers_share_the_study_with_their_own_seeds(tmp_path, tiny_datalis
         "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
     proc = run(tune_cmd(tmp_path, tiny_datalist, "w", 4, "--workers", "2", "--pruner", "none"), env, timeout=600)
     assert proc.returncode == 0, tail(proc.stdout)
-    seeds = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("[worker ")}
-    assert set(seeds) == {"0]", "1]"} and len(set(seeds.values())) == 2, seeds
+    # searched anywhere in a line: the two workers write to one pipe, and their lines may interleave
+    seeds = dict(re.findall(r"\[worker (\d+)\] sampler seed (\d+)", proc.stdout))
+    assert set(seeds) == {"0", "1"} and len(set(seeds.values())) == 2, (seeds, tail(proc.stdout))
     st, parent, _ = assert_runs_match_trials(env["MLFLOW_TRACKING_URI"], "w", tmp_path)
     assert len(st.trials) == 4 and all(t.state.name == "COMPLETE" for t in st.trials)
     assert len({t.user_attrs["pid"] for t in st.trials}) == 2, "both workers ran trials"

@@ -20,6 +20,7 @@ from helpers import (
     mlflow_client, network_from_config, run, runs_of, tail, torchrun_cmd,
 )
 from medsr_monai.networks import ResidualUNet
+from medsr_monai.physics import CartesianUndersampling
 from medsr_monai.transforms import (
     KspaceUndersample, ModalityNormalize, RandKspaceUndersampled, SeededLowDoseCTNoised, make_kspace_mask,
     zero_filled_volume,
@@ -162,20 +163,22 @@ def _bundle_tools(ckpt: Path, x: torch.Tensor, tmp_path: Path, **net_overrides) 
     verify_metadata(meta_file=meta, filepath=str(SCHEMA))
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inf, device="cpu")
     ts = tmp_path / "unet.ts"
+    # physics models are exported by tracing, for one input size (the physics is a plain Python object)
     ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(ckpt), meta_file=meta, config_file=inf,
-                **net_overrides)
+                use_trace=True, input_shape=list(x.shape), **net_overrides)
     eager = network_from_config("unet", **net_overrides)
     eager.load_state_dict(load_state(ckpt))
     eager.eval()
     with torch.no_grad():
         y_eager, y_ts = eager(x), torch.jit.load(str(ts))(x)
     torch.testing.assert_close(y_ts, y_eager, atol=1e-5, rtol=1e-5)
-    assert float((y_eager - x).abs().max()) > 1e-6  # the trained residual was exported, not the identity
+    base = eager.physics.baseline(x)
+    assert float((y_eager - base).abs().max()) > 1e-6  # the trained residual was exported, not the baseline
 
 
-def _check_geometry(src: Path, out: Path) -> None:
+def _check_geometry(src: Path, out: Path, same_dtype: bool = True) -> None:
     a, b = nib.load(str(src)), nib.load(str(out))
-    assert b.shape == a.shape and b.get_data_dtype() == a.get_data_dtype()
+    assert b.shape == a.shape and (b.get_data_dtype() == a.get_data_dtype() or not same_dtype)
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)  # scale 1: the same grid, overlays the input
     side = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
     assert side["scale"] == 1 and side["bundle"] == "unet" and len(side["checkpoint_sha256"]) == 64
@@ -231,10 +234,17 @@ def test_mri_recon_resumes_after_sigkill_then_evaluates_infers_and_exports(tiny_
                           ckpt_path=expr(models / "model.pt"), **NET), env)
     assert proc.returncode == 0, tail(proc.stdout)
     out = tmp_path / "inf" / "brain2_zf_recon.nii.gz"
-    _check_geometry(src, out)
-    assert not np.array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(src)).dataobj))
+    _check_geometry(src, out, same_dtype=False)  # complex zero-filled in, real magnitude out
+    assert nib.load(str(out)).get_data_dtype() == np.float32
+    assert not np.allclose(np.asarray(nib.load(str(out)).dataobj), np.abs(np.asarray(nib.load(str(src)).dataobj)))
+    # a magnitude image has lost the phase the consistency step needs: refused, naming the file
+    mag = Path(zero_filled_volume(tiny_datalist.parent / "nifti" / "brain2.nii.gz", tmp_path / "brain2_mag.nii.gz",
+                                  magnitude=True))
+    proc = run(bundle_cmd("run", "unet", ["inference"], input=expr(mag), output_dir=expr(tmp_path / "inf2"),
+                          ckpt_path=expr(models / "model.pt"), **NET), env)
+    assert proc.returncode != 0 and f"{mag}" in proc.stdout and "complex zero-filled image" in proc.stdout
 
-    _bundle_tools(models / "model.pt", KspaceUndersample(seed=42)(x)[None], tmp_path, **NET)
+    _bundle_tools(models / "model.pt", CartesianUndersampling(seed=42).A(x[None]), tmp_path, **NET)
 
 
 @pytest.mark.slow
@@ -258,7 +268,10 @@ def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_data
     assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 2 * epoch_length
     for k in ("val_sr_psnr", "val_lowdose_psnr", "val_gaussian_psnr", "val_lowdose_gain_db", "val_sr_ssim"):
         h = client.get_metric_history(r.info.run_id, k)
-        assert len(h) == 2 and all(math.isfinite(x.value) for x in h), k
+        # before the first step (the untrained model returns the low-dose input: gain 0) and after each epoch
+        assert len(h) == 3 and all(math.isfinite(x.value) for x in h), k
+    first_gain = min(client.get_metric_history(r.info.run_id, "val_lowdose_gain_db"), key=lambda x: x.step)
+    assert first_gain.step == 0 and first_gain.value == pytest.approx(0.0, abs=1e-6)
     arts = artifact_paths(env["MLFLOW_TRACKING_URI"], r.info.run_id)
     assert {"model_ct_denoise.pt", "executed_config.json", "grid_latest.png", "val_metrics.json"} <= {
         Path(a).name for a in arts}, arts

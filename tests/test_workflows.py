@@ -16,6 +16,7 @@ from helpers import (
     BUNDLES,
     bundle_cmd,
     corner_cubic,
+    kspace_zerofill_np,
     crop_nifti,
     expr,
     network_from_config,
@@ -152,11 +153,13 @@ def _transposed(src, dest):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_volume_superresolver_zero_residual_is_corner_cubic(bundle, inference_inputs, tmp_path):
-    """An untrained InterpolationSR (zero-initialised last layer) returns its interpolation exactly, so the
-    whole volume pipeline (normalise, SliceInferer, denormalise, write) must give corner-grid Keys cubic
-    interpolation of the input in its own units, along the in-plane axes only. The 64x64 slices are smaller
-    than the default roi_size (128), so this also covers the padding of small slices (edge replicated)."""
+def test_volume_superresolver_untrained_model_is_the_physics_baseline(bundle, inference_inputs, tmp_path):
+    """An untrained PhysicsSR (zero-initialised last layer) returns its physics baseline exactly, so the whole
+    volume pipeline (normalise, SliceInferer, denormalise, write) must give, in the input's own units and along the
+    in-plane axes only, corner-grid Keys cubic interpolation for CT (decimation) and k-space zero-filling for MR
+    (k-space truncation; its consistency step leaves a zero-filled image unchanged), both computed independently
+    here. The 64x64 slices are smaller than the default roi_size (128), so this also covers the padding of small
+    slices (edge replicated)."""
     brain_t = _transposed(inference_inputs / "brain2.nii.gz", tmp_path / "brain2_zxy.nii.gz")
     cases = [(inference_inputs / "lung2.nii.gz", 2), (inference_inputs / "brain2.nii.gz", 2), (brain_t, 0)]
     net = network_from_config(bundle)
@@ -168,7 +171,8 @@ def test_volume_superresolver_zero_residual_is_corner_cubic(bundle, inference_in
         a, b = _check_overlay(src, out, slice_axis=axis)
         x = np.asarray(a.dataobj, dtype=np.float64)
         in_plane = [ax for ax in range(3) if ax != axis]
-        expected = corner_cubic(corner_cubic(x, in_plane[0], 2), in_plane[1], 2)
+        upsample = corner_cubic if src.name.startswith("lung") else kspace_zerofill_np
+        expected = upsample(upsample(x, in_plane[0], 2), in_plane[1], 2)
         y = np.asarray(b.dataobj, dtype=np.float64)
         if a.get_data_dtype() == np.int16:
             assert b.get_data_dtype() == np.int16
@@ -180,15 +184,16 @@ def test_volume_superresolver_zero_residual_is_corner_cubic(bundle, inference_in
 
 
 def test_sliding_windows_smaller_than_the_slice_leave_no_seams(inference_inputs, tmp_path):
-    """Windows of 24x24 LR pixels over 64x64 slices: the interpolation is done on whole slices and only the
-    residual is blended, so a zero-residual model still returns exact whole-slice corner cubic (no seams)."""
+    """Windows of 24x24 LR pixels over 64x64 slices: the physics baseline is taken on whole slices and only the
+    residual is blended, so a zero-residual model still returns exact whole-slice k-space zero-filling for this
+    MR volume (no seams)."""
     src = inference_inputs / "brain2.nii.gz"
     net = network_from_config("edsr")
     out = VolumeSuperResolver(net, 2, str(src), str(tmp_path), roi_size=(24, 24), sw_batch_size=3, overlap=0.25,
                               progress=False).run()[0]
     a, b = _check_overlay(src, out, slice_axis=2)
     x = np.asarray(a.dataobj, dtype=np.float64)
-    expected = corner_cubic(corner_cubic(x, 0, 2), 1, 2)
+    expected = kspace_zerofill_np(kspace_zerofill_np(x, 0, 2), 1, 2)
     np.testing.assert_allclose(np.asarray(b.dataobj, dtype=np.float64), expected,
                                atol=1e-5 * (x.max() - x.min()) + 1e-4)
 

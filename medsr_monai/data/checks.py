@@ -273,11 +273,13 @@ def check_array(
     affine: np.ndarray,
     expect_ndim: int = 3,
     allow_single_slice: bool = False,
+    allow_complex: bool = False,
 ) -> dict:
     """Check an already loaded array; return the info dict of :func:`check_volume`.
 
     With ``allow_single_slice`` a 3D volume with exactly one singleton axis (one 2D slice stored
     as a volume, e.g. shape ``(512, 512, 1)``) passes; by default every axis needs >= 2 voxels.
+    With ``allow_complex`` a complex array passes (finite parts; min/max/constant of its magnitude).
     """
     data = np.asarray(data)
     shape = tuple(int(s) for s in data.shape)
@@ -294,8 +296,14 @@ def check_array(
         n_single = sum(1 for s in data.shape if s < 2)
         if not (allow_single_slice and n_single == 1 and min(data.shape) == 1):
             raise VolumeError(path, f"is effectively 2D (shape {shape}): a 3D volume needs >= 2 voxels on every axis")
+    if data.dtype.kind == "c" and allow_complex:  # a complex image (e.g. zero-filled MR with its phase)
+        if not (np.isfinite(data.real).all() and np.isfinite(data.imag).all()):
+            raise VolumeError(path, "contains non-finite voxels (NaN or Inf in the real or imaginary part)")
+        data = np.abs(data)
     if data.dtype.kind not in "biuf":
-        raise VolumeError(path, f"unsupported voxel type {data.dtype}")
+        raise VolumeError(path, f"unsupported voxel type {data.dtype}"
+                          + (" (complex images are read only where a bundle takes them: unet mri_recon)"
+                             if data.dtype.kind == "c" else ""))
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.all():

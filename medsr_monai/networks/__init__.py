@@ -5,7 +5,7 @@ from .discriminators import PatchGANDiscriminator, SRGANDiscriminator
 from .edsr import EDSR, EDSR_VARIANTS, EDSRResBlock
 from .srcnn import SRCNN, SRCNN_CONFIGS
 from .srresnet import SRResBlock, SRResNet
-from .wrappers import InterpolationSR, find_last_conv
+from .wrappers import PhysicsCascade, PhysicsSR, find_last_conv, physics_signature
 from .convlstm import BiConvLSTMSR, ConvLSTMCell
 from .unet import ResidualUNet
 
@@ -13,7 +13,9 @@ __all__ = [
     "EDSR",
     "EDSR_VARIANTS",
     "EDSRResBlock",
-    "InterpolationSR",
+    "PhysicsCascade",
+    "PhysicsSR",
+    "physics_signature",
     "PatchGANDiscriminator",
     "ResnetGenerator",
     "SRCNN",

@@ -71,7 +71,7 @@ class EDSR(nn.Module):
 
     Differences from the paper's code: no RGB mean shift (single-channel images normalised to [0, 1]); instead
     ``input_offset`` is subtracted from the input and added back to the output (e.g. 0.5 centres [0, 1] data).
-    When the network is used as a residual predictor (``InterpolationSR(residual=True)``), keep
+    When the network is used as a residual predictor (:class:`PhysicsSR`), keep
     ``input_offset=0`` so that a zero output means "no correction". In 2D MONAI's ``pixelshuffle`` orders channels
     like ``torch.nn.PixelShuffle``, so official EDSR weights map onto this layout by renaming keys only.
 

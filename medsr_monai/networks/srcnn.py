@@ -39,7 +39,7 @@ class SRCNN(nn.Module):
     ``conv(f1) -> ReLU -> conv(f2) -> ReLU -> conv(f3)``, with ``features = (n1, n2)`` filters in the first two
     layers. This is a *pre-upsampling* network: its input is the low-resolution image already interpolated onto
     the high-resolution grid (the paper used bicubic), and the output has the same spatial shape as the input.
-    Wrap it in :class:`medsr_monai.networks.InterpolationSR` with ``pre_upsample=True`` to map LR to HR.
+    Wrap it in :class:`medsr_monai.networks.PhysicsSR` with ``pre_upsample=True`` to map LR to HR.
 
     Deviation from the paper: the paper trained with "valid" convolutions (no padding, output smaller than the
     input by ``f1 + f2 + f3 - 3`` voxels) and evaluated on the cropped centre. Here every convolution uses

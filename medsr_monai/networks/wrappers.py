@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import List
-
 import torch
 from torch import nn
 
-from medsr_monai.transforms.grid import GRID_CONVENTIONS, canonical_mode, interpolate_scaled
 
-__all__ = ["InterpolationSR", "find_last_conv"]
+__all__ = ["PhysicsSR", "find_last_conv", "physics_signature"]
 
 
 
@@ -34,107 +30,175 @@ def find_last_conv(net: nn.Module) -> nn.Module:
     return last
 
 
-# --- TorchScript twin of medsr_monai.transforms.grid.grid_interpolate ------------------------------------------
-class InterpolationSR(nn.Module):
-    """Make any network map a low-resolution (LR) image to the high-resolution (HR) image.
+class PhysicsSR(nn.Module):
+    """Start from the physics' own inverse and stay consistent with the measurement.
 
-    ``up = grid_interpolate(x, scale, mode, grid)``; then ``y = net(up)`` for pre-upsampling networks
-    (``pre_upsample=True``, e.g. :class:`SRCNN`) or ``y = net(x)`` for networks that upsample themselves
-    (``pre_upsample=False``, e.g. :class:`EDSR`); with ``residual=True`` the output is ``y + up``, so the
-    network only learns the correction to the interpolation. With ``zero_init_last=True`` (and ``residual``) the
-    weights and bias of the network's last convolution are zeroed, so at initialisation the model returns
-    exactly the interpolation baseline and training can only start from there.
+    ``output = physics.apply_dc(physics.baseline(y) + net(...), y)``: the network sees the measurement ``y``
+    (``pre_upsample=False``, networks that upsample themselves, e.g. :class:`EDSR`) or the baseline
+    (``pre_upsample=True``, e.g. :class:`SRCNN`) and predicts the correction to the matched classical inverse
+    (k-space zero-fill for k-space truncation, cubic on the corner grid for decimation, cubic on the centre grid for
+    slice thickness); the physics' consistency step follows where the physics has ``dc`` on. The last convolution
+    of ``net`` starts at zero, so an untrained model returns exactly the physics baseline (after consistency) and
+    training starts from the number it has to beat.
 
-    The LR grid convention matters: ``grid="corner"`` (LR voxel ``i`` at HR voxel ``s*i``) is what k-space
-    truncation and decimation produce, ``grid="center"`` what block averaging produces. It must match the
-    degradation that created the LR data; the network never sees how its input was degraded, and a mismatched
-    interpolation shifts ``up`` by half an HR voxel, which the network then has to learn to undo (and which makes
-    the interpolation baseline look worse than it is). See :mod:`medsr_monai.transforms.grid`.
+    With a :class:`~medsr_monai.physics.ModalitySwitch`, ``forward`` takes ``modality`` (one name or one per batch
+    item; MONAI's ``PrepareBatchExtraInput(extra_keys={"modality": "modality"})`` passes it from the batch).
 
-    The interpolation is :func:`medsr_monai.transforms.grid.interpolate_scaled`, the TorchScript-compatible core
-    of ``grid_interpolate``, so the wrapper can be exported with MONAI's ``ckpt_export``.
+    The model records its physics: :meth:`get_extra_state` puts ``physics.config()``, the network class and
+    ``pre_upsample`` into every state dict (checkpoint), and loading a state dict whose physics (scale, grid,
+    profile, mask, ...) or network class differs raises ``ValueError`` naming both.
 
     Args:
-        net: the network; must accept the interpolated image (``pre_upsample=True``) or the LR image and
-            return the HR shape. With ``residual``, its output channels must equal the input channels.
-        scale: upsampling factor, one for all spatial axes or one per axis (per-axis only for pre-upsampling).
-        mode: ``"nearest"``, ``"linear"`` or ``"cubic"`` (aliases ``bilinear``, ``bicubic``, ... accepted).
-        grid: LR grid convention, ``"corner"`` or ``"center"``.
-        pre_upsample: feed ``net`` the interpolated image instead of the LR image.
-        residual: add the interpolated image to the network output.
-        spatial_dims: number of spatial dimensions (trailing axes of ``x``).
-        zero_init_last: zero the last convolution of ``net`` when ``residual`` is on.
+        net: the network; output channels = input channels of the baseline.
+        physics: a :class:`~medsr_monai.physics.Physics` (or its ``config()`` dict).
+        pre_upsample: feed ``net`` the baseline instead of the measurement.
+        zero_init_last: zero the last convolution of ``net``.
 
     Example:
-        >>> from medsr_monai.networks import EDSR, SRCNN
-        >>> model = InterpolationSR(EDSR(scale=2, num_blocks=2, features=16), scale=2)
-        >>> model(torch.rand(1, 1, 8, 8)).shape
-        torch.Size([1, 1, 16, 16])
-        >>> model = InterpolationSR(SRCNN(config="9-1-5"), scale=3, pre_upsample=True)
-        >>> model(torch.rand(1, 1, 8, 8)).shape
-        torch.Size([1, 1, 24, 24])
+        >>> from medsr_monai.networks import EDSR
+        >>> from medsr_monai.physics import KSpaceTruncation
+        >>> model = PhysicsSR(EDSR(scale=2, num_blocks=2, features=16), KSpaceTruncation(2, dc=True))
+        >>> y = torch.rand(1, 1, 8, 8)
+        >>> torch.allclose(model(y), model.physics.baseline(y), atol=1e-6)
+        True
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        scale: int | float | Sequence[int | float] = 2,
-        mode: str = "cubic",
-        grid: str = "corner",
-        pre_upsample: bool = False,
-        residual: bool = True,
-        spatial_dims: int = 2,
-        zero_init_last: bool = True,
-    ) -> None:
+    def __init__(self, net: nn.Module, physics, pre_upsample: bool = False, zero_init_last: bool = True) -> None:
         super().__init__()
-        mode = canonical_mode(mode)
-        if grid not in GRID_CONVENTIONS:
-            raise ValueError(f"grid must be one of {GRID_CONVENTIONS}, got {grid!r}")
-        scales = [float(s) for s in scale] if isinstance(scale, Sequence) else [float(scale)] * spatial_dims
-        if len(scales) != spatial_dims:
-            raise ValueError(f"got {len(scales)} scale factors for spatial_dims={spatial_dims}")
-        if any(s <= 0 for s in scales):
-            raise ValueError(f"scale factors must be positive, got {scales}")
-        net_scale = getattr(net, "scale", None)
-        if isinstance(net_scale, int):
-            expected = 1 if pre_upsample else net_scale
-            if any(s != expected for s in scales):
-                raise ValueError(
-                    f"{type(net).__name__} upsamples by {net_scale}; with pre_upsample={pre_upsample} the wrapper "
-                    f"scale must be {expected if pre_upsample else net_scale}, got {scales}"
-                )
-        if residual and float(getattr(net, "input_offset", 0.0)) != 0.0:
-            warnings.warn(
-                f"{type(net).__name__}.input_offset is non-zero with residual=True: the network output is then "
-                "offset from the interpolation baseline; use input_offset=0 for residual learning.",
-                stacklevel=2,
-            )
+        from medsr_monai.physics import Physics, physics_from_config
 
+        self.physics: Physics = physics_from_config(physics)
         self.net = net
-        self.scales: List[float] = scales
-        self.mode: str = mode
-        self.grid: str = grid
-        self.pre_upsample: bool = bool(pre_upsample)
-        self.residual: bool = bool(residual)
-        self.spatial_dims: int = spatial_dims
-        if residual and zero_init_last:
+        self.pre_upsample = bool(pre_upsample)
+        net_scale = getattr(net, "scale", None)
+        if isinstance(net_scale, int) and not pre_upsample and max(self.physics.scale) != net_scale:
+            raise ValueError(f"{type(net).__name__} upsamples by {net_scale} but the physics has scale "
+                             f"{self.physics.scale}: set the network's scale from the physics")
+        if float(getattr(net, "input_offset", 0.0)) != 0.0:
+            warnings.warn(f"{type(net).__name__}.input_offset is non-zero: the output is then offset from the physics "
+                          "baseline; use input_offset=0.", stacklevel=2)
+        if zero_init_last:
             last = find_last_conv(net)
             with torch.no_grad():
                 last.weight.zero_()
                 if last.bias is not None:
                     last.bias.zero_()
 
-    def interpolate(self, x: torch.Tensor) -> torch.Tensor:
-        """The interpolation baseline ``grid_interpolate(x, scale, mode, grid)`` that the wrapper uses."""
-        return interpolate_scaled(x, self.scales, self.mode, self.grid)
+    @property
+    def scale(self) -> tuple[int, ...]:
+        return self.physics.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map the LR image ``(B, C, *spatial)`` to the HR image ``(B, C_out, *(scale * spatial))``."""
-        up = interpolate_scaled(x, self.scales, self.mode, self.grid)
-        if self.pre_upsample:
-            y = self.net(up)
-        else:
-            y = self.net(x)
-        if self.residual:
-            y = y + up
-        return y
+    def _kw(self, modality) -> dict:
+        from medsr_monai.physics import ModalitySwitch
+
+        return {"modality": modality} if isinstance(self.physics, ModalitySwitch) else {}
+
+    def baseline(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        """The physics' classical inverse of ``y`` (what the untrained model returns)."""
+        return self.physics.baseline(y, **self._kw(modality))
+
+    def consistency(self, x_hat: torch.Tensor, y: torch.Tensor, modality=None) -> torch.Tensor:
+        """The physics' consistency step where ``dc`` is on (identity elsewhere)."""
+        return self.physics.apply_dc(x_hat, y, **self._kw(modality))
+
+    def residual(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        """``forward(y) - baseline(y)``: what sliding-window inference blends (the baseline is taken on whole
+        slices once, so window edges never re-extrapolate it)."""
+        return self.forward(y, modality) - self.baseline(y, modality)
+
+    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        base = self.baseline(y, modality)
+        out = base + self.net(base if self.pre_upsample else y)
+        return self.consistency(out, y, modality)
+
+    def record(self) -> dict:
+        """What the model is: physics config, network class and input mode (stored with every state dict)."""
+        return {"physics": self.physics.config(), "network": type(self.net).__name__,
+                "pre_upsample": self.pre_upsample}
+
+    def get_extra_state(self) -> dict:
+        return self.record()
+
+    def set_extra_state(self, state) -> None:
+        from medsr_monai.physics import physics_from_config
+
+        if not isinstance(state, dict) or "physics" not in state:
+            return
+        theirs = physics_from_config(state["physics"])
+        if physics_signature(theirs) != physics_signature(self.physics):
+            raise ValueError(f"the weights were trained for physics {theirs.describe()}, but this model declares "
+                             f"{self.physics.describe()}: use weights trained for this physics (scale, grid, "
+                             "profile, mask) or change the config to match them")
+        if state.get("network") not in (None, type(self.net).__name__):
+            raise ValueError(f"the weights belong to network {state.get('network')}, this model is "
+                             f"{type(self.net).__name__}")
+
+
+_IGNORED_IN_SIGNATURE = ("dc", "seed", "random", "steps", "step")
+
+
+def physics_signature(physics) -> dict:
+    """A physics' config without the choices that may differ between training and use (consistency on/off,
+    random vs fixed mask, seeds, back-projection steps): what a checkpoint must match."""
+    def strip(cfg):
+        if isinstance(cfg, dict):
+            return {k: strip(v) for k, v in cfg.items() if k not in _IGNORED_IN_SIGNATURE}
+        return cfg
+
+    return strip(physics.config())
+
+
+class PhysicsCascade(PhysicsSR):
+    """Same-grid restoration that starts from the measurement and stays consistent with it: an unrolled cascade.
+
+    ``z_0 = physics.init_estimate(y)``; for each of the ``cascades`` networks ``z_k = physics.apply_dc(z_{k-1} +
+    net_k(z_{k-1}), y)``; the output is ``physics.to_image(z_K)``. For Cartesian undersampling ``z`` is the complex
+    image (two channels), the step replaces the sampled k-space lines by the measured ones and the output is its
+    magnitude (a cascade of U-Nets with data consistency, as in Schlemper et al. 2018); for low-dose CT there is no
+    consistency step and ``z`` is the image. Each network's last convolution starts at zero, so the untrained model
+    returns exactly the physics baseline (zero-filled magnitude / low-dose input).
+
+    Args:
+        net: the network of one cascade (copied ``cascades`` times; channels: those of ``init_estimate(y)``).
+        physics: a physics (or its config dict) with ``init_estimate`` / ``to_image``.
+        cascades: number of network + consistency steps (``K``; 1 is a plain network plus one consistency step).
+        zero_init_last: zero each network's last convolution.
+
+    Example:
+        >>> from medsr_monai.networks import ResidualUNet
+        >>> from medsr_monai.physics import CartesianUndersampling
+        >>> phys = CartesianUndersampling("equispaced", 4, 0.08)
+        >>> model = PhysicsCascade(ResidualUNet(2, 2, 2, channels=(8, 16), residual=False), phys, cascades=2)
+        >>> y = phys.A(torch.rand(1, 1, 32, 32))
+        >>> torch.allclose(model(y), phys.baseline(y), atol=1e-5)
+        True
+    """
+
+    def __init__(self, net: nn.Module, physics, cascades: int = 1, zero_init_last: bool = True) -> None:
+        import copy
+
+        if int(cascades) < 1:
+            raise ValueError(f"cascades must be >= 1, got {cascades}")
+        super().__init__(net, physics, pre_upsample=False, zero_init_last=zero_init_last)
+        self.cascades = int(cascades)
+        self.nets = nn.ModuleList([self.net] + [copy.deepcopy(self.net) for _ in range(self.cascades - 1)])
+        del self.net  # the first cascade is nets[0]
+
+    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        z = self.physics.init_estimate(y)
+        for net in self.nets:
+            z = self.physics.apply_dc(z + net(z), y)
+        return self.physics.to_image(z)
+
+    def record(self) -> dict:
+        return {"physics": self.physics.config(), "network": type(self.nets[0]).__name__,
+                "cascades": self.cascades}
+
+    def set_extra_state(self, state) -> None:
+        self.net = self.nets[0]  # the parent's check names the network class
+        try:
+            super().set_extra_state(state)
+        finally:
+            del self.net
+        if isinstance(state, dict) and state.get("cascades", self.cascades) != self.cascades:
+            raise ValueError(f"the weights have {state.get('cascades')} cascades, this model has {self.cascades}")

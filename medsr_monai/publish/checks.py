@@ -126,9 +126,34 @@ def real_slice(nifti: Path, size: int = 64):
     return torch.as_tensor(np.ascontiguousarray(sl, dtype=np.float32))[None, None]
 
 
+def physics_input(network, sample: Path):
+    """A real input for ``network``: a slice of ``sample`` degraded by the network's own physics (LR for SR, the
+    complex zero-filled image for undersampling, a thick slab for slice thickness); the slice itself when the
+    network has no physics or its physics is noise (whose measurement is the image)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    physics = getattr(network, "physics", None)
+    if physics is None or physics.grid == "same" and physics.name != "cartesian_undersampling":
+        return real_slice(sample)
+    if physics.spatial_dims == 3:  # a slab of thin slices, slice axis first: (1, 1, S, H, W)
+        vol = np.asarray(nib.load(str(sample)).dataobj, dtype=np.float32)
+        c = [n // 2 for n in vol.shape[:3]]
+        slab = vol[c[0] - 24:c[0] + 24, c[1] - 24:c[1] + 24, c[2] - 8:c[2] + 8]
+        lo, hi = np.percentile(slab, [0.5, 99.5])
+        slab = np.clip((slab - lo) / max(hi - lo, 1e-6), 0, 1)
+        hr = torch.as_tensor(np.ascontiguousarray(np.moveaxis(slab, 2, 0)))[None, None]
+        return physics.A(hr).float()
+    x = real_slice(sample)
+    kw = {"modality": getattr(physics, "default", None) or "MR"} if hasattr(physics, "branches") else {}
+    return physics.A(x, **kw).float()
+
+
 def check_network(bundle: Path, sample: Path, ts_file: Path, config: str = "inference") -> float:
-    """``verify_net_in_out`` on the inference config, ``ckpt_export`` of ``models/model.pt`` to ``ts_file``,
-    and the TorchScript output compared with the eager network's on a real slice of ``sample``.
+    """``verify_net_in_out`` on the inference config, ``ckpt_export`` of ``models/model.pt`` to ``ts_file``
+    (traced: physics models are not scriptable), and the TorchScript output compared with the eager network's on
+    a real input made from ``sample`` with the network's own physics.
 
     Runs MONAI's functions in-process (the same code as ``python -m monai.bundle ...``, without a second
     interpreter start-up).
@@ -150,23 +175,22 @@ def check_network(bundle: Path, sample: Path, ts_file: Path, config: str = "infe
     except Exception as e:
         raise PublishError(f"{cfg}: verify_net_in_out failed: {type(e).__name__}: {e}") from e
     state = load_weights(model)
-    try:
-        ckpt_export(filepath=str(ts_file), ckpt_file=str(model), **common)
-    except Exception as e:
-        raise PublishError(f"{model}: ckpt_export (TorchScript) failed: {type(e).__name__}: {e}") from e
-
     parser = ConfigParser()
     parser.read_config(str(cfg))
     parser["bundle_root"] = str(bundle)
     eager = parser.get_parsed_content("network_def", instantiate=True)
     try:
         eager.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise PublishError(f"{model}: weights do not match network_def of {cfg}: {e}") from e
     eager.eval()
+    x = physics_input(eager, sample)
+    try:
+        ckpt_export(filepath=str(ts_file), ckpt_file=str(model), use_trace=True, input_shape=list(x.shape), **common)
+    except Exception as e:
+        raise PublishError(f"{model}: ckpt_export (TorchScript) failed: {type(e).__name__}: {e}") from e
     scripted = torch.jit.load(str(ts_file), map_location="cpu")
     scripted.eval()
-    x = real_slice(sample)
     try:
         with torch.no_grad():
             y_eager, y_ts = eager(x), scripted(x)

@@ -1,7 +1,7 @@
 """Degradation ("physics"), noise, intensity and grid-aware upsampling transforms.
 
 Every degradation states its grid convention (``grid = "corner"``: LR voxel ``i`` at HR voxel ``s*i``) and writes the
-matching affine; see ``shared/PROTOCOL.md`` and :mod:`medsr_monai.transforms.grid`.
+matching affine; see ``docs/PROTOCOL.md`` and :mod:`medsr_monai.physics.grid`.
 """
 
 from .degrade import (
@@ -15,6 +15,7 @@ from .degrade import (
     RandKSpaceDownsampled,
 )
 from .dispatch import SelectByKeyd
+from .physics import PhysicsBaselined, PhysicsDegraded
 from .functional import decimate_downsample, gaussian_blur, kspace_downsample, kspace_zerofill, rescale_affine
 from .grid import GRID_CONVENTIONS, INTERP_MODES, grid_interpolate, lr_positions
 from .intensity import (
@@ -88,6 +89,8 @@ __all__ = [
     "RicianNoise",
     "RicianNoised",
     "SelectByKeyd",
+    "PhysicsBaselined",
+    "PhysicsDegraded",
     "canonical_modality",
     "decimate_downsample",
     "denormalize",

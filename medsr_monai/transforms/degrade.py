@@ -1,9 +1,10 @@
-"""Resolution degradations (array, dictionary and random forms) on the ``"corner"`` grid.
+"""Resolution degradations (array, dictionary and random forms) on the ``"corner"`` grid: MONAI-transform forms
+of :class:`~medsr_monai.physics.KSpaceTruncation` and :class:`~medsr_monai.physics.Decimation`.
 
 Both degradations here put LR voxel ``i`` at HR voxel ``s * i`` (``grid = "corner"``): a ``MetaTensor`` output keeps
 the HR origin and gets the spacing of each downsampled axis multiplied by ``s``. Interpolation baselines for these
 LR images must use ``grid_interpolate(..., grid="corner")`` / :class:`~medsr_monai.transforms.upsample.GridUpsample`
-(and k-space zero-filling for k-space truncation); see ``shared/PROTOCOL.md``.
+(and k-space zero-filling for k-space truncation); see ``docs/PROTOCOL.md``.
 
 Augment the HR image *before* degrading it (a flip of an LR/HR pair moves the corner grid by one HR voxel).
 """
@@ -18,7 +19,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
-from .functional import decimate_downsample, kspace_downsample, rescale_affine, scale_factors
+from medsr_monai.physics.resolution import Decimation, KSpaceTruncation
+
+from .functional import rescale_affine, scale_factors
 
 from .base import RandDictWrapper
 
@@ -84,9 +87,8 @@ class KSpaceDownsample(Transform):
 
     def __call__(self, img, scale: int | Sequence[int] | None = None):
         scales = self.scale if scale is None else scale_factors(scale, self.spatial_dims)
-        return apply_resampling(
-            img, lambda x: kspace_downsample(x, scales, self.spatial_dims), scales, self.spatial_dims
-        )
+        physics = KSpaceTruncation(scales, self.spatial_dims)  # the physics' forward model; this is its array form
+        return apply_resampling(img, physics.A, scales, self.spatial_dims)
 
 
 class KSpaceDownsampled(MapTransform):
@@ -219,9 +221,8 @@ class DecimateDownsample(Transform):
 
     def __call__(self, img, sigma: float | Sequence[float] | None = None):
         sg = self.sigma if sigma is None else sigma
-        return apply_resampling(
-            img, lambda x: decimate_downsample(x, self.scale, sg, self.spatial_dims), self.scale, self.spatial_dims
-        )
+        physics = Decimation(self.scale, sg, self.spatial_dims)  # the physics' forward model; this is its array form
+        return apply_resampling(img, physics.A, self.scale, self.spatial_dims)
 
 
 class DecimateDownsampled(MapTransform):

@@ -2,7 +2,7 @@
 
 * CT: a fixed HU window ``(lo, hi)`` (default ``(-1000, 1000)``) maps linearly to ``[0, 1]``.
 * MR: robust percentile scaling. ``lo, hi`` are the ``mr_percentiles`` (default 0.5 and 99.5) of **all voxels of the
-  image** (background included), matching ``shared/PROTOCOL.md`` ("MRI: percentiles of the HR volume"). With
+  image** (background included), matching ``docs/PROTOCOL.md`` ("MRI: percentiles of the HR volume"). With
   ``nonzero=True`` only non-zero voxels are used instead (better for skull-stripped images dominated by zeros).
 
 The range used is returned / stored so that network outputs can be mapped back (:func:`denormalize`,

@@ -3,7 +3,7 @@
 A thick-slice scan is modelled from a near-isotropic thin-slice volume by integrating the slice profile over
 ``factor`` thin slices and keeping one thick slice per ``factor`` thin slices along ``slice_axis``.
 
-Grid convention (``grid = "center"``, the block-averaging convention of ``shared/PROTOCOL.md``):
+Grid convention (``grid = "center"``, the block-averaging convention of ``docs/PROTOCOL.md``):
 thick slice ``k`` is centred on thin position ``k*f + (f-1)/2``. The thick affine therefore multiplies the
 slice-axis column by ``f`` and moves the origin by ``(f-1)/2`` thin voxels along it; interpolation baselines
 use ``grid_interpolate(..., grid="center")`` along the slice axis, and the super-resolved output gets the
@@ -21,104 +21,22 @@ centres an even ``f`` needs), so the strided 1D convolution is written here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
-from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+
+from medsr_monai.physics.thickness import SliceThickness as SliceThicknessPhysics
+from medsr_monai.physics.slices import PROFILES, check_slice_count, slice_profile, slice_thickness, thick_affine, thin_affine
 
 __all__ = [
     "PROFILES", "SliceThickness", "SliceThicknessd", "CropToMultiple", "CropToMultipled", "MoveSliceAxisd",
     "slice_profile", "slice_thickness", "thick_affine", "thin_affine",
 ]
-
-PROFILES = ("box", "gaussian")
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-
-
-def slice_profile(factor: int, profile: str = "box") -> tuple[torch.Tensor, int]:
-    """Weights of one thick slice over thin voxels ``-r .. f-1+r`` (relative to ``k*f``) and the margin ``r``.
-
-    Example:
-        >>> w, r = slice_profile(2, "box"); w.tolist(), r
-        ([0.5, 0.5], 0)
-    """
-    f = int(factor)
-    if profile == "box":
-        return torch.full((f,), 1.0 / f, dtype=torch.float64), 0
-    if profile == "gaussian":
-        sigma = f * _FWHM_TO_SIGMA
-        r = int(math.ceil(3 * sigma))
-        c = (f - 1) / 2.0
-        m = np.arange(-r, f + r, dtype=np.float64)
-        cdf = np.vectorize(lambda v: 0.5 * (1.0 + math.erf(v / (sigma * math.sqrt(2.0)))))
-        w = torch.as_tensor(cdf(m + 0.5 - c) - cdf(m - 0.5 - c))
-        return w / w.sum(), r
-    raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-
-
-def _check(n: int, factor: int, where: str) -> None:
-    if int(factor) != factor or factor < 1:
-        raise ValueError(f"slice-thickness factor must be a positive integer, got {factor!r}")
-    if n % factor:
-        raise ValueError(
-            f"{n} slices along {where} is not a multiple of the slice-thickness factor {factor}; "
-            f"crop to {n - n % factor} slices first (CropToMultiple / on_remainder='crop')"
-        )
-
-
-def slice_thickness(x: torch.Tensor, factor: int, axis: int = -1, profile: str = "box") -> torch.Tensor:
-    """Thick slices along tensor dim ``axis`` of ``x``: profile-weighted sum over ``factor`` thin slices, then
-    one slice per ``factor`` (see the module docstring for the grid). Raises if the length is not a multiple.
-
-    Example:
-        >>> slice_thickness(torch.arange(6.0), 3).tolist()
-        [1.0, 4.0]
-    """
-    f = int(factor)
-    dim = axis % x.ndim
-    n = x.shape[dim]
-    _check(n, factor, f"tensor dim {dim}")
-    if f == 1:
-        return x.clone()
-    w, r = slice_profile(f, profile)
-    dtype = x.dtype if torch.is_floating_point(x) else torch.float32
-    y = x.to(dtype).movedim(dim, -1)
-    lead = y.shape[:-1]
-    y = y.reshape(-1, 1, n)
-    if r:
-        y = F.pad(y, (r, r), mode="replicate")
-    y = F.conv1d(y, w.to(dtype=dtype, device=x.device).reshape(1, 1, -1), stride=f)
-    return y.reshape(*lead, n // f).movedim(-1, dim)
-
-
-def thick_affine(affine, factor: int, axis: int) -> np.ndarray:
-    """Affine of the thick volume made from a thin one: slice column x ``f``, origin moved ``(f-1)/2`` thin voxels."""
-    a = np.asarray(convert_to_numpy(affine), dtype=np.float64).copy()
-    col = a[:3, axis].copy()
-    a[:3, 3] += col * (factor - 1) / 2.0
-    a[:3, axis] = col * factor
-    return a
-
-
-def thin_affine(affine, factor: int, axis: int) -> np.ndarray:
-    """Inverse of :func:`thick_affine`: the thin grid a super-resolved thick volume lands on (centre convention).
-
-    Example:
-        >>> a = thick_affine(np.eye(4), 3, 2); np.allclose(thin_affine(a, 3, 2), np.eye(4))
-        True
-    """
-    a = np.asarray(convert_to_numpy(affine), dtype=np.float64).copy()
-    col = a[:3, axis] / factor
-    a[:3, axis] = col
-    a[:3, 3] -= col * (factor - 1) / 2.0
-    return a
-
 
 class SliceThickness(Transform):
     """Simulate thick slices along a spatial axis of a channel-first image (grid: ``"center"``).
@@ -155,9 +73,11 @@ class SliceThickness(Transform):
                              f"(shape {tuple(img.shape)})")
         if self.on_remainder == "crop":
             img = CropToMultiple(self.factor, self.slice_axis)(img)
-        _check(img.shape[self.slice_axis + 1], self.factor, f"slice_axis {self.slice_axis}")
+        check_slice_count(img.shape[self.slice_axis + 1], self.factor, f"slice_axis {self.slice_axis}")
         x = convert_to_tensor(img, track_meta=False)
-        out = slice_thickness(x, self.factor, axis=self.slice_axis + 1, profile=self.profile)
+        physics = SliceThicknessPhysics(self.factor, axis=self.slice_axis, profile=self.profile,
+                                        spatial_dims=img.ndim - 1)
+        out = physics.A(x)  # the physics' forward model; this transform is its array form
         res = convert_to_dst_type(out, img, dtype=out.dtype)[0]
         if isinstance(res, MetaTensor) and isinstance(img, MetaTensor):
             res.affine = torch.as_tensor(thick_affine(img.affine, self.factor, self.slice_axis))

@@ -168,13 +168,21 @@ class RandKspaceUndersampled(Randomizable, MapTransform):
 
 
 def zero_filled_volume(src: str, dest: str, mask_type: str = "equispaced", acceleration: float = 4,
-                       center_fraction: float = 0.08, seed: int = 0) -> str:
+                       center_fraction: float = 0.08, seed: int = 42, magnitude: bool = False) -> str:
     """Write the zero-filled reconstruction of every in-plane slice of a NIfTI volume (same mask for all slices,
     same affine and intensity units): a retrospectively accelerated scan, the input ``inference.json`` expects
-    for ``task = "mri_recon"``."""
+    for ``task = "mri_recon"``.
+
+    The output is the *complex* zero-filled image (complex64 NIfTI), as a scanner's zero-filled reconstruction of
+    the sampled lines would be: it keeps the phase that data consistency needs. ``magnitude=True`` writes its
+    magnitude instead (what a viewer shows; a model with data consistency refuses it). The default ``seed`` is
+    the unet bundle's ``mask_seed``.
+    """
     import nibabel as nib
 
     from medsr_monai.data import slice_axis, write_nifti
+    from medsr_monai.physics import CartesianUndersampling
+    from medsr_monai.physics.undersampling import to_complex
 
     img = nib.load(str(src))
     data = np.asarray(img.dataobj, dtype=np.float32)
@@ -182,7 +190,8 @@ def zero_filled_volume(src: str, dest: str, mask_type: str = "equispaced", accel
         raise ValueError(f"{src}: expected a 3D volume, got shape {data.shape}")
     axis = slice_axis(data.shape, [float(v) for v in np.linalg.norm(img.affine[:3, :3], axis=0)])
     slices = torch.as_tensor(np.moveaxis(data, axis, 0))[:, None]  # (S, 1, h, w)
-    t = KspaceUndersample(mask_type, acceleration, center_fraction, seed)
-    out = torch.cat([t(s) for s in slices])
-    write_nifti(dest, np.moveaxis(out.numpy(), 0, axis).astype(np.float32), img.affine)
+    physics = CartesianUndersampling(mask_type, acceleration, center_fraction, seed=seed)
+    z = to_complex(torch.cat([physics.A(s[None]) for s in slices]))[:, 0]  # (S, h, w) complex
+    out = z.abs().numpy().astype(np.float32) if magnitude else z.numpy().astype(np.complex64)
+    write_nifti(dest, np.moveaxis(out, 0, axis), img.affine)
     return str(dest)

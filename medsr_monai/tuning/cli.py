@@ -11,6 +11,7 @@ __all__ = ["register", "parse_set", "settings_from_args"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPACES_DIR = REPO_ROOT / "experiments" / "spaces"
+BEST_DIR = REPO_ROOT / "experiments" / "best"
 
 
 def parse_set(items: list[str]) -> dict[str, object]:
@@ -31,7 +32,7 @@ def parse_set(items: list[str]) -> dict[str, object]:
 def settings_from_args(args: argparse.Namespace, argv: list[str]):
     from medsr_monai.tracking import resolve_tracking_uri
     from medsr_monai.tuning.space import Objective, find_space, load_space
-    from medsr_monai.tuning.study import TuneSettings, default_study_name
+    from medsr_monai.tuning.study import TuneSettings, default_best_file, default_study_name
 
     bundle = Path(args.bundle).resolve()
     space_path = args.space or find_space(bundle, SPACES_DIR)
@@ -44,7 +45,7 @@ def settings_from_args(args: argparse.Namespace, argv: list[str]):
     storage = args.storage or f"sqlite:///{(REPO_ROOT / 'experiments' / 'optuna.db').as_posix()}"
     uri = args.tracking_uri or resolve_tracking_uri(bundle, check=False)
     output = Path(args.output or REPO_ROOT / "experiments" / "tune") / study
-    best = Path(args.best_out or REPO_ROOT / "experiments" / "best" / f"{bundle.name}.json")
+    best = Path(args.best_out) if args.best_out else default_best_file(Path(args.best_dir or BEST_DIR), bundle, study)
     enqueue = []
     for text in args.enqueue or []:
         try:
@@ -55,7 +56,7 @@ def settings_from_args(args: argparse.Namespace, argv: list[str]):
                         objective=Objective.parse(args.objective or space.objective), tracking_uri=uri,
                         output_root=output.resolve(), best_out=best.resolve(), fixed=fixed, workers=args.workers,
                         timeout=args.timeout, seed=args.seed, enqueue=enqueue, default_trial=not args.no_default_trial,
-                        pruner=args.pruner, argv=argv)
+                        pruner=args.pruner, argv=argv, overwrite_best=args.overwrite_best)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -69,6 +70,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             return run_worker(settings, args.worker_index, args.parent_run_id)
         summary = tune(settings)
     except (TuneError, SpaceError) as e:
+        sys.stdout.flush()  # the error is the last line the user sees
         print(f"medsr tune: error: {e}", file=sys.stderr)
         return 2
     print("\n" + summary["table"] + "\n")
@@ -78,9 +80,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if summary["best_trial"] is not None:
         print(f"best: trial {summary['best_trial']}, {settings.objective} = {summary['best_value']:.4f}, "
               f"params {summary['best_params']}")
-        print(f"best override: {summary['best_override']}\n  use it: python -m monai.bundle run --config_file "
-              f"\"['{settings.bundle / 'configs' / 'train.json'}','{summary['best_override']}']\" "
-              f"--bundle_root {settings.bundle}")
+        if summary["best_override"]:
+            print(f"best override: {summary['best_override']}\n  use it: python -m monai.bundle run --config_file "
+                  f"\"['{settings.bundle / 'configs' / 'train.json'}','{summary['best_override']}']\" "
+                  f"--bundle_root {settings.bundle}")
+        else:
+            print("best override: not written (see the note below)")
+    elif summary.get("all_failed"):
+        print("every trial failed: no best override written (each trial's error is in the table above)")
     else:
         print("no trial completed yet: no best override written")
     print(f"MLflow: experiment {summary['experiment']!r}, parent run {summary['parent_run_id']} "
@@ -90,6 +97,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if summary["status"] == "KILLED":
         print("interrupted: every finished trial is kept; run the same command to continue the study")
         return 130
+    if summary.get("all_failed"):
+        sys.stdout.flush()
+        print(f"medsr tune: error: every trial of study {summary['study']!r} failed ({counts['fail']} trial(s)), so "
+              f"no best override was written; first error: {summary['first_error']}", file=sys.stderr)
+        return 1
     print("to continue the study, run the same command again (with a larger --trials to add trials)")
     return 0
 
@@ -102,9 +114,11 @@ def register(sub) -> None:
         "a median pruner stops weak trials; batch sizes that do not fit the data or memory are pruned with the "
         "reason; crashing trials are recorded FAIL and the study goes on. MLflow gets one parent run per study "
         "(experiment '<bundle experiment>-tune') with one nested run per trial, and Optuna's plots. The best "
-        "trial is written as an override file for `python -m monai.bundle run --config_file \"['train.json',"
-        "'best.json']\"`. Re-running the same command continues the study; Ctrl-C stops it keeping every "
-        "finished trial.",
+        "trial is written as an override file, one per study (experiments/best/<bundle>/<study>.json), for "
+        "`python -m monai.bundle run --config_file \"['train.json','best.json']\"`. Before the first trial the "
+        "bundle's data is checked with the study's overrides. Re-running the same command continues the study; "
+        "Ctrl-C stops it keeping every finished trial. Exit status: 0 done, 1 every trial failed, 2 refused, "
+        "130 interrupted.",
         epilog="Many machines: give every machine the same --study, a PostgreSQL/MySQL --storage URL and a shared "
         "MLflow server, e.g. --storage postgresql://user:pw@db/optuna --tracking-uri http://mlflow:5000 "
         "(see README).",
@@ -112,7 +126,8 @@ def register(sub) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/edsr")
     p.add_argument("--trials", type=int, required=True,
                    help="total trials the study should hold (any state); a second call with a larger N adds trials")
-    p.add_argument("--study", default=None, help="study name (default: the bundle's folder name)")
+    p.add_argument("--study", default=None,
+                   help="study name (default: the bundle's folder name, e.g. srcnn); names the best-override file")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL (default: sqlite:///<repo>/experiments/optuna.db; "
                    "postgresql://... or mysql+pymysql://... for many machines)")
@@ -137,8 +152,12 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: MLFLOW_TRACKING_URI, else the project store mlruns/mlflow.db)")
     p.add_argument("--output", default=None, help="trial folders go to OUTPUT/<study>/ (default: experiments/tune)")
+    p.add_argument("--best-dir", default=None,
+                   help="best-trial override files go to BEST_DIR/<bundle>/<study>.json (default: experiments/best)")
     p.add_argument("--best-out", default=None,
-                   help="best-trial override file (default: experiments/best/<bundle>.json)")
+                   help="best-trial override file, instead of BEST_DIR/<bundle>/<study>.json")
+    p.add_argument("--overwrite-best", action="store_true",
+                   help="let this study replace a best-override file written by another study (refused otherwise)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_tune, argv=None)

@@ -4,6 +4,10 @@ The main process creates (or reloads) the study and its MLflow parent run, runs 
 or starts ``workers`` processes on the same storage, and at the end writes the best trial as a bundle override
 file, Optuna's plots and a trials table, and ends the parent run. Running the same command again continues the
 study up to ``trials`` trials in total.
+
+Before anything is created (storage, MLflow run, trial) the study is checked: the space against the bundle, the
+trial count, the best-override file (one per study, ``experiments/best/<bundle>/<study>.json``, never another
+study's), and the bundle's data with the study's overrides (the datalist parsed once, every image present).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +33,7 @@ from medsr_monai.tuning.tracking import StudyTracker, mask_url
 from medsr_monai.tuning.trial import TrialSetup, as_override, bundle_parser, run_trial
 
 __all__ = ["TuneSettings", "TuneError", "tune", "run_worker", "open_storage", "write_best_override",
-           "sampler_seed", "trials_table"]
+           "sampler_seed", "trials_table", "default_study_name", "default_best_file", "best_file_owner", "check_data"]
 
 #: trial states that use up the study's trial budget (``--trials`` counts all of them)
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
@@ -59,6 +64,7 @@ class TuneSettings:
     default_trial: bool = True
     pruner: str = "median"
     argv: list[str] = field(default_factory=list)
+    overwrite_best: bool = False
 
 
 def open_storage(url: str, heartbeat: int = 60):
@@ -84,6 +90,33 @@ def sampler_seed(base: int, worker: int, n_existing: int) -> int:
     return base + 1000 * worker + n_existing
 
 
+def _trial_seed(seed: int, number: int) -> int:
+    return (seed * 1_000_003 + number) % (2**32)
+
+
+class _TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE whose random state is reseeded from (process seed, trial number) before every trial.
+
+    Trial numbers are unique within a study, so two ``medsr tune`` processes started separately on one storage with
+    the same seed (both finding an empty study) still draw different parameters, while one process re-run from the
+    same state draws the same ones.
+    """
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._medsr_seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        seed = _trial_seed(self._medsr_seed, trial.number)
+        states = [getattr(self, "_rng", None), getattr(getattr(self, "_random_sampler", None), "_rng", None)]
+        if all(hasattr(st, "rng") for st in states):
+            for st in states:
+                st.rng.seed(seed)
+        else:  # optuna moved its private random states: at least never replay another process's draws
+            self.reseed_rng()
+        super().before_trial(study, trial)
+
+
 def _pruner(settings: TuneSettings):
     cfg = dict(settings.space.pruner)
     if settings.pruner == "none" or cfg.get("type") == "none":
@@ -99,7 +132,7 @@ def _load_study(settings: TuneSettings, storage, worker: int):
     except KeyError:
         pass
     seed = sampler_seed(settings.seed, worker, n_existing)
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    sampler = _TrialSeededTPE(seed=seed, constant_liar=True)
     study = optuna.create_study(study_name=settings.study_name, storage=storage, direction="maximize",
                                 sampler=sampler, pruner=_pruner(settings), load_if_exists=True)
     return study, seed
@@ -136,6 +169,143 @@ def _check_bundle(settings: TuneSettings) -> tuple[str, dict[str, Any]]:
                         f"edit the space (per-bundle spaces live in experiments/spaces/<bundle>.json)")
     parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()})
     return str(parser.get_parsed_content("experiment_name")), parser.get()
+
+
+#: config ids whose value is the bundle's data (items with an ``image`` path, or paths): checked before a study
+_DATA_IDS = ("train#datalist", "validate#datalist", "train_files", "val_files")
+
+
+def _has_id(parser, key: str) -> bool:
+    try:
+        parser[key]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _paths_of(value: Any) -> list[str]:
+    """The file paths a datalist-like value names: ``[{"image": p, ...}, ...]`` or ``[p, ...]``."""
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    if isinstance(value, dict):
+        return [str(value["image"])] if isinstance(value.get("image"), (str, os.PathLike)) else []
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths_of(v)]
+    return []
+
+
+def check_data(settings: TuneSettings) -> None:
+    """Fail before any trial when the bundle cannot build its data with the study's overrides: its datalist ids
+    (``train#datalist``, ``validate#datalist``, or ``train_files`` / ``val_files``) are evaluated once, as a trial
+    would, and every image they name must exist. Without such ids, ``dataset_dir`` must exist.
+
+    Raises:
+        TuneError: one line naming ``dataset_dir``, the missing path, and the command that fixes it.
+    """
+    from medsr_monai.tuning.trial import error_chain
+
+    overrides = {k: as_override(v) for k, v in settings.fixed.items()}
+    given = "dataset_dir" in settings.fixed
+    user_data = any(str(k).startswith("dataset_dir") for k in settings.fixed)  # cyclegan: dataset_dir_a / _b
+    with tempfile.TemporaryDirectory(prefix="medsr_tune_check_") as tmp:
+        parser = bundle_parser(settings.bundle, overrides)
+        parser["output_dir"] = as_override(tmp)  # a plain folder of volumes is indexed under output_dir: not here
+        data_dir = None
+        if _has_id(parser, "dataset_dir"):
+            try:
+                data_dir = parser.get_parsed_content("dataset_dir", instantiate=False)
+            except Exception as e:  # noqa: BLE001 - an expression the user's --set broke
+                problem = f"dataset_dir cannot be evaluated: {type(e).__name__}: {e}"
+                raise TuneError(_data_error(settings, None, given, user_data, problem)) from e
+        no_dir = f"{data_dir} does not exist" if data_dir is not None and not Path(str(data_dir)).exists() else None
+        ids = [key for key in _DATA_IDS if _has_id(parser, key)]
+        if not ids:
+            if no_dir:
+                raise TuneError(_data_error(settings, data_dir, given, user_data, no_dir))
+            return
+        for key in ids:
+            try:
+                value = parser.get_parsed_content(key, instantiate=False)
+            except Exception as e:  # noqa: BLE001 - MONAI wraps the datalist's own error: report the innermost
+                inner = list(error_chain(e))[-1]
+                problem = f"{key}: {str(inner) or type(inner).__name__}"
+                if no_dir and str(data_dir) in problem:  # the datalist's own error names the folder: say it plainly
+                    problem = no_dir
+                raise TuneError(_data_error(settings, data_dir, given, user_data, problem)) from e
+            missing = [p for p in _paths_of(value) if not os.path.exists(p)]
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                problem = no_dir or (f"{key} names {len(missing)} missing file(s): {', '.join(missing[:3])}{more}")
+                raise TuneError(_data_error(settings, data_dir, given, user_data, problem))
+
+
+def _data_error(settings: TuneSettings, data_dir: Any, given: bool, user_data: bool, problem: str) -> str:
+    problem = problem.replace("\n", " ")
+    if len(problem) > 600:
+        problem = problem[:600] + "..."
+    source = "from --set" if given else "the bundle default"
+    if data_dir and problem == f"{data_dir} does not exist":
+        problem, where = f"dataset_dir {data_dir} ({source}) does not exist", ""
+    else:
+        where = f" (dataset_dir={data_dir}, {source})" if data_dir else ""
+    fix = ("give a folder that holds the data with --set dataset_dir=DIR" if user_data else
+           "fetch the sample scans with `medsr data samples` (from the repository root), or give your own data "
+           "with --set dataset_dir=DIR")
+    return f"bundle {settings.bundle.name} has no data: {problem}{where}; no trial was started: {fix}"
+
+
+def default_study_name(bundle: Path) -> str:
+    """The study name when ``--study`` is not given: the bundle's folder name (``srcnn``)."""
+    return re.sub(r"[^\w.-]", "_", Path(bundle).resolve().name)
+
+
+def default_best_file(best_dir: Path, bundle: Path, study_name: str) -> Path:
+    """``<best_dir>/<bundle>/<study>.json``: one best-override file per study (``experiments/best/srcnn/srcnn.json``
+    for the default study of bundles/srcnn)."""
+    return Path(best_dir) / Path(bundle).resolve().name / (re.sub(r"[^\w.-]", "_", study_name) + ".json")
+
+
+def _study_identity(settings: TuneSettings) -> dict[str, str]:
+    return {"bundle": settings.bundle.name, "study": settings.study_name, "storage": mask_url(settings.storage)}
+
+
+def best_file_owner(path: Path) -> dict[str, str] | None:
+    """``{"bundle", "study", "storage"}`` of the study that wrote the best-override file ``path`` (its ``tuned_by``);
+    ``None`` when there is no such file. A file that is not a best override reads as owned by ``"?"``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        tuned_by = json.loads(path.read_text()).get("tuned_by")
+    except (OSError, ValueError, AttributeError):
+        tuned_by = None
+    if not isinstance(tuned_by, dict):
+        return {"bundle": "?", "study": "?", "storage": "?"}
+    return {k: str(tuned_by.get(k, "?")) for k in ("bundle", "study", "storage")}
+
+
+def _check_best_out(settings: TuneSettings) -> None:
+    """Refuse a best-override file another study wrote (or that is not a best override), unless
+    ``overwrite_best``: checked before the first trial, and again when the file is written."""
+    owner = best_file_owner(settings.best_out)
+    if owner is None or settings.overwrite_best or owner == _study_identity(settings):
+        return
+    if owner["study"] == "?":
+        what = "is not a best-override file of medsr tune (no tuned_by record)"
+    else:
+        what = (f"holds the result of study {owner['study']!r} of bundle {owner['bundle']!r} "
+                f"({owner['storage']})")
+    raise TuneError(f"{settings.best_out} {what}; this study ({settings.study_name!r}, {mask_url(settings.storage)}) "
+                    f"would overwrite it: give this study its own file (--study NAME writes "
+                    f"experiments/best/{settings.bundle.name}/NAME.json, or --best-out FILE), or pass --overwrite-best")
+
+
+def _check_counts(settings: TuneSettings) -> None:
+    if settings.trials < 1:
+        raise TuneError(f"--trials {settings.trials}: a study needs at least 1 trial (--trials counts all the "
+                        f"study's trials, finished ones included; e.g. --trials 20)")
+    if settings.workers < 1:
+        raise TuneError(f"--workers {settings.workers}: give at least 1 process")
 
 
 def _n_counted(study) -> int:
@@ -185,7 +355,10 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
     """
     from medsr_monai.tracking import check_tracking_uri
 
+    _check_counts(settings)
     experiment, _ = _check_bundle(settings)
+    _check_best_out(settings)
+    check_data(settings)
     check_tracking_uri(settings.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri  # the bundle configs resolve their store from it
     storage = open_storage(settings.storage)
@@ -207,8 +380,8 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
     if first_call:
         if settings.default_trial:
             defaults = _bundle_defaults(settings)
-            if defaults:
-                study.enqueue_trial(defaults, user_attrs={"enqueued": "bundle defaults"})
+            if defaults:  # skipped if a process started at the same time on this storage already queued them
+                study.enqueue_trial(defaults, user_attrs={"enqueued": "bundle defaults"}, skip_if_exists=True)
     for params_ in settings.enqueue:  # skipped when the study already has a trial with these params
         study.enqueue_trial(params_, user_attrs={"enqueued": "--enqueue"}, skip_if_exists=True)
     print(f"study {settings.study_name!r} ({'resumed' if not first_call else 'new'}, {_n_counted(study)} of "
@@ -299,10 +472,14 @@ def write_best_override(study, settings: TuneSettings, parent_run_id: str | None
     """The best trial's parameters as a bundle override file (config ids -> values), usable as
     ``--config_file "['bundles/<b>/configs/train.json','<this file>']"``. The tuning budget (``fixed``) is not part
     of it: the file changes only what was searched. ``tuned_by`` records where it came from (unused by the bundle).
+
+    Raises:
+        TuneError: ``settings.best_out`` holds another study's result (and ``settings.overwrite_best`` is not set).
     """
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
+    _check_best_out(settings)
     best = max(done, key=lambda t: t.value)
     data: dict[str, Any] = dict(best.params)
     data["tuned_by"] = {
@@ -354,8 +531,21 @@ def _finalize(study, settings: TuneSettings, tracker: StudyTracker, status: str,
     (folder / "trials.md").write_text(table + "\n")
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-    best_path = write_best_override(study, settings, tracker.parent_run_id)
-    plots, notes = _plots(study, folder)
+    all_failed = counts["fail"] > 0 and not (counts["complete"] or counts["pruned"] or counts["running"])
+    first_error = ""
+    if all_failed:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        first_error = str(failed[0].user_attrs.get("error") or "no error recorded").replace("\n", " ")[:500]
+        if status == "FINISHED":
+            status, reason = "FAILED", f"every trial failed ({counts['fail']}); first error: {first_error}"
+    notes: list[str] = []
+    try:
+        best_path = write_best_override(study, settings, tracker.parent_run_id)
+    except TuneError as e:
+        best_path = None
+        notes.append(f"best override not written: {e}")
+    plots, plot_notes = _plots(study, folder)
+    notes += plot_notes
     metrics = {f"n_{k}": v for k, v in counts.items()}
     tags: dict[str, str] = {}
     best = None
@@ -363,16 +553,14 @@ def _finalize(study, settings: TuneSettings, tracker: StudyTracker, status: str,
         best = study.best_trial
         metrics["best_value"] = best.value
         tags = {"best_trial": str(best.number), **{f"best.{k.replace('#', '.')}": str(v) for k, v in best.params.items()}}
-        copy = folder / "best_override.json"
-        copy.write_text(best_path.read_text())
-        plots.append(copy)
+        if best_path is not None:
+            copy = folder / "best_override.json"
+            copy.write_text(best_path.read_text())
+            plots.append(copy)
     tracker.finish_parent(status, reason, metrics, tags, plots + [folder / "trials.md"], step=len(study.trials))
     return {"study": settings.study_name, "storage": mask_url(settings.storage), "counts": counts,
             "best_trial": best.number if best else None, "best_value": best.value if best else None,
             "best_params": best.params if best else None, "best_override": str(best_path) if best_path else None,
             "parent_run_id": tracker.parent_run_id, "experiment": tracker.experiment_name, "table": table,
-            "plots": [str(p) for p in plots], "notes": notes, "status": status}
-
-
-def default_study_name(bundle: Path) -> str:
-    return re.sub(r"[^\w.-]", "_", bundle.resolve().name)
+            "plots": [str(p) for p in plots], "notes": notes, "status": status, "all_failed": all_failed,
+            "first_error": first_error}

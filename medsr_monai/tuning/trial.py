@@ -104,7 +104,7 @@ class TrialSetup:
 
 def as_override(value: Any) -> Any:
     """A value as a config override. Strings holding a path become expressions (``$'/a/b'``): MONAI turns a plain
-    path string into a broken expression in the saved config (see ../shared/STACK_NOTES.md)."""
+    path string into a broken expression in the saved config (MONAI builds a string expression from a plain path)."""
     if isinstance(value, str) and "/" in value and not value.startswith(("$", "@", "%")):
         return "$" + repr(value)
     return value
@@ -214,6 +214,10 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup) -> float:
                       "run_name": run_name, "experiment_name": setup.experiment_name})
     if "resume" in setup.config_keys:
         overrides["resume"] = False  # a trial never continues another trial's checkpoint
+    if "validate_at_start" in setup.config_keys and "validate_at_start" not in setup.fixed:
+        # the pre-training validation scores the physics floor, the same for every trial: it tells the study
+        # nothing, costs a validation per trial, and would be reported to Optuna as a step 0
+        overrides["validate_at_start"] = False
     state, reason, reporter = "FAIL", "", None
     try:
         reporter = _train(setup, trial, overrides, params)

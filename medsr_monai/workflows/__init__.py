@@ -19,15 +19,20 @@ from .training import (
     DISCRIMINATORS,
     OPTIMIZERS,
     SCHEDULES,
+    RANK0_ONLY_HANDLERS,
     LossProgressBar,
+    ValidateAtStart,
     check_training_config,
     count_parameters,
     make_discriminator,
     make_optimizer,
     make_scheduler,
+    rank_handlers,
     unknown_direction,
 )
-from .restoration import RESTORATION_TASKS, best_gaussian_sigma, check_task, task_file, unknown_loss
+from .restoration import (
+    RESTORATION_TASKS, best_gaussian_sigma, check_task, restoration_channels, restoration_physics, task_file, unknown_loss,
+)
 from .through_plane import (
     ThroughPlaneInferer,
     ThroughPlaneMetricsHandler,
@@ -37,6 +42,8 @@ from .through_plane import (
 )
 
 __all__ = [
+    "restoration_channels", "restoration_physics",
+    "RANK0_ONLY_HANDLERS", "ValidateAtStart", "rank_handlers",
     "AuxiliaryPrediction", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
     "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "sr_items",

@@ -107,10 +107,12 @@ class SRGANTrainer(Trainer):
             raise ValueError("must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         lr, hr = batch[0], batch[1]
+        # PrepareBatchExtraInput adds (args, kwargs), e.g. the modality that picks a PhysicsSR generator's physics
+        g_args, g_kwargs = (batch[2], batch[3]) if len(batch) > 3 else ((), {})
         g, d, adv = engine.generator, engine.discriminator, engine.adversarial
         adversarial = engine.is_adversarial()
         g.train()
-        sr = g(lr)
+        sr = g(lr, *g_args, **g_kwargs)
         terms: dict[str, torch.Tensor | float] = {"adversarial_phase": float(adversarial)}
 
         if adversarial:  # discriminator step on real HR vs the detached SR
@@ -242,11 +244,14 @@ class AuxiliaryPrediction:
         net = self.network.eval()
         batch = engine.state.batch
         device = next(net.parameters()).device
+        takes_modality = hasattr(net, "physics")
         if isinstance(batch, dict):
-            batch[self.key] = net(batch[self.input_key].to(device)).clamp(0, 1)
+            kw = {"modality": batch.get("modality")} if takes_modality else {}
+            batch[self.key] = net(batch[self.input_key].to(device), **kw).clamp(0, 1)
         else:
             for item in batch:
-                item[self.key] = net(torch.as_tensor(item[self.input_key])[None].to(device))[0].clamp(0, 1)
+                kw = {"modality": item.get("modality")} if takes_modality else {}
+                item[self.key] = net(torch.as_tensor(item[self.input_key])[None].to(device), **kw)[0].clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------- CycleGAN

@@ -208,13 +208,26 @@ class VolumeSuperResolver:
                  checkpoint: str | None = None, modality: str = "auto", roi_size: Sequence[int] = (128, 128),
                  sw_batch_size: int = 8, overlap: float = 0.25, normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True):
+                 output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None):
         self.network, self.scale, self.inputs = network, int(scale), inputs
         self.output_dir, self.checkpoint, self.modality = output_dir, checkpoint, modality
         self.roi_size, self.sw_batch_size, self.overlap = tuple(roi_size), sw_batch_size, overlap
         self.normalizer_kwargs = dict(normalizer_kwargs or {})
         self.bundle_name, self.bundle_version = bundle_name, bundle_version
         self.device, self.output_postfix, self.progress = torch.device(device), output_postfix, progress
+        if slice_axis not in (None, "auto", "None") and int(slice_axis) not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1, 2 or None (coarsest spacing), got {slice_axis!r}")
+        self.slice_axis = None if slice_axis in (None, "auto", "None") else int(slice_axis)
+        physics = getattr(network, "physics", None)
+        if physics is not None and physics.grid != "same" and any(s != self.scale for s in physics.scale):
+            raise ValueError(f"scale={self.scale} but the network's physics has scale {physics.scale}")
+
+    @property
+    def takes_complex(self) -> bool:
+        """Whether the model's measurement is a complex image (Cartesian undersampling: the zero-filled image with
+        its phase), read from complex NIfTI."""
+        physics = getattr(self.network, "physics", None)
+        return getattr(physics, "name", "") == "cartesian_undersampling"
 
     def load_weights(self) -> str | None:
         return load_checkpoint(self.network, self.checkpoint)
@@ -225,9 +238,9 @@ class VolumeSuperResolver:
             m = "CT" if float(vol.min()) < -500 else "MR"
         return "MR" if m == "MRI" else m
 
-    def _super_resolve(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+    def _super_resolve(self, x: torch.Tensor, axis: int, modality: str) -> torch.Tensor:
         """SR of a normalised ``(1, X, Y, Z)`` volume along its in-plane axes (all but ``axis``)."""
-        from medsr_monai.networks import InterpolationSR
+        from medsr_monai.networks import PhysicsSR
 
         # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
         # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
@@ -239,18 +252,23 @@ class VolumeSuperResolver:
                                overlap=self.overlap, mode="gaussian", padding_mode="replicate",
                                progress=self.progress, sw_device=self.device, device="cpu")
         net = self.network
-        if not (isinstance(net, InterpolationSR) and net.residual):
+        if not isinstance(net, PhysicsSR) or type(net).forward is not PhysicsSR.forward:
             return inferer(x[None], net)[0].cpu()
-        # Interpolating each window on its own re-extrapolates at every window edge, and blending does not
-        # hide those seams; so interpolate whole slices once and blend only the learned residual.
+        # The physics baseline of each window on its own would re-extrapolate at every window edge, and blending
+        # does not hide those seams; so take the baseline of whole slices once and blend only the learned part,
+        # then apply the consistency step once more to the whole slices (the blend weights break it at overlaps).
         slices = x.movedim(axis + 1, 0)  # (S, 1, h, w): the slices as a batch
-        base = torch.cat([net.interpolate(chunk.to(self.device)).cpu() for chunk in slices.split(self.sw_batch_size)])
-        residual = inferer(x[None], lambda t: net(t) - net.interpolate(t))[0]
-        return base.movedim(0, axis + 1) + residual
+        chunks = slices.split(self.sw_batch_size)
+        base = torch.cat([net.baseline(c.to(self.device), modality).cpu() for c in chunks])
+        residual = inferer(x[None], lambda t: net.residual(t, modality))[0].movedim(axis + 1, 0)
+        out = base + residual
+        out = torch.cat([net.consistency(o.to(self.device), c.to(self.device), modality).cpu()
+                         for o, c in zip(out.split(self.sw_batch_size), chunks)])
+        return out.movedim(0, axis + 1)
 
     def run(self) -> list[Path]:
         from medsr_monai.data import load_volume
-        from medsr_monai.data.checks import check_array
+        from medsr_monai.data.checks import VolumeError, check_array
         from medsr_monai.transforms import ModalityNormalize, denormalize
 
         items = resolve_inputs(self.inputs)
@@ -261,10 +279,16 @@ class VolumeSuperResolver:
         for item in tqdm(items, desc="super-resolving volumes", disable=not self.progress):
             src = Path(item["image"])
             data, affine_in, meta = load_volume(src)  # NIfTI, NRRD or a DICOM series; errors name the file
-            check_array(src, data, affine_in, allow_single_slice=True)  # 3D (or one slice), finite, not constant
+            # 3D (or one slice), finite, not constant; complex only for a model whose measurement is complex
+            check_array(src, data, affine_in, allow_single_slice=True, allow_complex=self.takes_complex)
             data = np.asarray(data)
             data = data.reshape(data.shape[:3])  # drop singleton trailing dims that check_array allows
-            vol = torch.as_tensor(data.astype(np.float32))[None]
+            is_complex = np.iscomplexobj(data)
+            if self.takes_complex and not is_complex:
+                raise VolumeError(src, "is a real (magnitude) image, but this model reconstructs from the complex "
+                                       "zero-filled image (the phase of the measurement is needed for data "
+                                       "consistency): write one with medsr_monai.transforms.zero_filled_volume")
+            vol = torch.as_tensor(np.abs(data).astype(np.float32) if is_complex else data.astype(np.float32))[None]
             dicom_modality = meta.get("Modality", "").upper()
             if dicom_modality in ("CT", "MR") and not item.get("modality"):
                 item = {**item, "modality": dicom_modality}
@@ -272,8 +296,11 @@ class VolumeSuperResolver:
             normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
             x = torch.as_tensor(normalizer(vol))
             lo, hi = normalizer.last_range
+            if is_complex:  # the same linear map on the complex image: (z - lo) / (hi - lo), as (real, imaginary)
+                z = (data.astype(np.complex64) - lo) / (hi - lo)
+                x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
             spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
-            axis = slice_axis(data.shape, spacing)
+            axis = slice_axis(data.shape, spacing) if self.slice_axis is None else self.slice_axis
             zoom = [1 if ax == axis else self.scale for ax in range(3)]
             in_plane = [n for ax, n in enumerate(data.shape) if ax != axis]
             memory = memory_estimate(data.shape, zoom, [min(r, n) for r, n in zip(self.roi_size, in_plane)],
@@ -282,13 +309,18 @@ class VolumeSuperResolver:
                 tqdm.write(f"{src.name}: {list(data.shape)} -> {[n * z for n, z in zip(data.shape, zoom)]}, "
                            f"host memory ~{memory['input_volume_mib'] + memory['output_volume_mib']:.0f} MiB")
             with torch.no_grad():
-                y = self._super_resolve(x, axis)
+                y = self._super_resolve(x, axis, modality)
             y = denormalize(y, lo, hi).numpy()[0]
             out = out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
-            write_output_volume(y, sr_affine(np.asarray(affine_in), self.scale, axis), data.dtype, out, {
+            physics = getattr(self.network, "physics", None)
+            out_affine = (physics.hr_affine(np.asarray(affine_in), [a for a in range(3) if a != axis])
+                          if physics is not None and physics.spatial_dims == 2 else
+                          sr_affine(np.asarray(affine_in), self.scale, axis))
+            write_output_volume(y, out_affine, np.dtype(np.float32) if is_complex else data.dtype, out, {
                 "bundle": self.bundle_name, "bundle_version": self.bundle_version,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
-                "scale": self.scale, "zoom": zoom, "grid": "corner", "slice_axis": axis, "modality": modality,
+                "scale": self.scale, "zoom": zoom, "grid": physics.grid if physics is not None else "corner",
+                "physics": physics.config() if physics is not None else None, "slice_axis": axis, "modality": modality,
                 "input": str(src), "input_format": meta.get("format"), "input_shape": list(data.shape),
                 "input_spacing_mm": spacing, "normalization_range": [float(lo), float(hi)],
                 "roi_size": list(self.roi_size), "sw_batch_size": self.sw_batch_size, "memory": memory,

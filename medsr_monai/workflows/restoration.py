@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RESTORATION_TASKS", "check_task", "best_gaussian_sigma", "task_file", "unknown_loss"]
+__all__ = ["RESTORATION_TASKS", "check_task", "best_gaussian_sigma", "restoration_channels", "restoration_physics",
+           "task_file", "unknown_loss"]
 
 #: task -> (modality, output postfix of inference)
 RESTORATION_TASKS = {"mri_recon": ("MR", "recon"), "ct_denoise": ("CT", "denoised")}
@@ -55,3 +56,29 @@ def best_gaussian_sigma(slices: Sequence[dict[str, Any]], sigmas: Sequence[float
             vals.append(float(psnr(out[None], y[None]).mean()))
         scores[float(s)] = float(np.mean(vals))
     return max(scores, key=scores.get)
+
+
+def restoration_physics(task: str, mask_type: str = "equispaced", acceleration: float = 4,
+                        center_fraction: float = 0.08, mask_seed: int = 0, dose_fraction: float = 0.25,
+                        incident_photons: float = 1e6, noise_seed: int = 0, consistency: bool = True,
+                        random: bool = False):
+    """The physics of a restoration task: Cartesian undersampling (``mri_recon``; ``random``: a fresh mask per
+    call, for training) or low-dose CT (``ct_denoise``).
+
+    Example:
+        >>> restoration_physics("mri_recon", acceleration=8).describe()[:23]
+        'cartesian_undersampling'
+    """
+    from medsr_monai.physics import CartesianUndersampling, LowDoseCT
+
+    check_task(task)
+    if task == "mri_recon":
+        return CartesianUndersampling(mask_type, acceleration, center_fraction, seed=mask_seed, random=random,
+                                      dc=consistency)
+    return LowDoseCT(dose_fraction, incident_photons, seed=noise_seed)
+
+
+def restoration_channels(task: str) -> int:
+    """Network channels of a task: 2 (real, imaginary) for the complex measurement of ``mri_recon``, else 1."""
+    check_task(task)
+    return 2 if task == "mri_recon" else 1

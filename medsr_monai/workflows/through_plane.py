@@ -77,8 +77,8 @@ class ThroughPlaneInferer(Inferer):
 
     MONAI's :class:`~monai.inferers.SlidingWindowInferer` runs the network on windows of ``window`` thick slices
     (x ``roi`` in-plane; ``-1`` = whole slices), overlapping by ``overlap``, blended with Gaussian weights, and
-    handles the ``f``-times longer output. For residual networks (``net.residual`` and ``net.interpolate``) the
-    interpolation base is computed once on the whole volume and only the learned correction is windowed, so no
+    handles the ``f``-times longer output. For a :class:`~medsr_monai.networks.PhysicsSR` (or a residual network with ``net.interpolate``) the
+    physics baseline is computed once on the whole volume and only the learned correction is windowed, so no
     window edge re-extrapolates the base (the same reason as in :class:`~.inference.VolumeSuperResolver`).
     For networks with ``data_consistency`` (and ``project``) the blended volume is projected once more onto the
     thick slices (the blending weights differ within a group of thin slices), so the output is exactly consistent.
@@ -105,14 +105,18 @@ class ThroughPlaneInferer(Inferer):
         sw = SlidingWindowInferer(roi_size=[window, *self.roi], sw_batch_size=self.sw_batch_size, overlap=self.overlap,
                                   mode="gaussian", padding_mode="replicate", progress=self.progress,
                                   sw_device=sw_device, device=inputs.device)
+        if hasattr(net, "physics") and hasattr(net, "residual"):  # PhysicsSR: baseline once, window the rest
+            base = net.baseline(inputs)
+            out = base + sw(inputs, net.residual)
+            # each window is consistent, but the Gaussian blending weights differ between the thin slices of one
+            # group: apply the consistency step once more to the blended volume, so the output is exactly consistent
+            return net.consistency(out, inputs.to(out.device, out.dtype))
         if getattr(net, "residual", False) and hasattr(net, "interpolate"):
             base = net.interpolate(inputs)
             out = base + sw(inputs, lambda t: net(t) - net.interpolate(t))
         else:
             out = sw(inputs, net)
         if getattr(net, "data_consistency", False) and hasattr(net, "project"):
-            # each window is consistent, but the Gaussian blending weights differ between the thin slices of one
-            # group: project the blended volume once more (idempotent), so the output is exactly consistent
             out = net.project(out, inputs.to(out.device, out.dtype))
         return out
 
@@ -237,7 +241,8 @@ class ThroughPlaneMetricsHandler:
             for v in VIEWS:
                 cells += [f"{summary.get(f'{p}{v}_{method}_psnr', float('nan')):.2f}",
                           f"{summary.get(f'{p}{v}_{method}_ssim', float('nan')):.4f}"]
-            name = {"sr": "BiConvLSTM (sr)", "linear": "linear (centre grid)", "cubic": "cubic (centre grid)"}.get(method, method)
+            name = {"sr": "BiConvLSTM (sr)", "linear": "linear (centre grid)", "cubic": "cubic (centre grid)",
+                    "cubic_dc": "cubic+consistency (matched baseline)"}.get(method, method)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary.get(f'{p}{method}_psnr', float('nan')):.2f} |")
         return "\n".join(line for line in lines if line) + "\n"
 
@@ -353,8 +358,8 @@ class ThroughPlaneSuperResolver:
             normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
             x = torch.as_tensor(normalizer(vol)).movedim(axis + 1, 1)[None]  # (1, 1, S, A, B), stays on the host
             net = self.network
-            memory = self.inferer.memory(x.shape[2:], self.scale, getattr(net, "features", 32),
-                                         getattr(net, "hidden_channels", 32))
+            memory = self.inferer.memory(x.shape[2:], self.scale, getattr(getattr(net, "net", net), "features", 32),
+                                         getattr(getattr(net, "net", net), "hidden_channels", 32))
             if self.progress:
                 out_shape = [n * (self.scale if ax == axis else 1) for ax, n in enumerate(data.shape)]
                 tqdm.write(f"{src.name}: {list(data.shape)} -> {out_shape} along axis {axis}, host memory "

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "DISCRIMINATORS", "make_discriminator", "unknown_direction", "make_optimizer", "make_scheduler", "check_training_config", "LossProgressBar",
@@ -137,3 +137,59 @@ class LossProgressBar(ProgressBar):
             return {key: float(out[key])}
 
         super().attach(engine, output_transform=_loss)
+
+
+#: handlers that only the rank-0 process of a DDP run attaches (logging, progress, tracking); chosen by type
+#: name, so adding a handler to a bundle never shifts which ones are dropped. Validation handlers stay on every
+#: rank: Ignite's metrics synchronise across ranks, so a validation run on rank 0 alone would wait forever.
+RANK0_ONLY_HANDLERS = ("StatsHandler", "LossProgressBar", "MLflowRunHandler", "MLFlowHandler",
+                       "TensorBoardStatsHandler")
+
+
+def rank_handlers(handlers: Iterable[Any], rank: int | None = None) -> list[Any]:
+    """The handlers a DDP process attaches: all of them on rank 0, the others without the rank-0-only ones
+    (:data:`RANK0_ONLY_HANDLERS`, or any handler with ``rank0_only = True``).
+
+    Example:
+        >>> class StatsHandler: pass
+        >>> len(rank_handlers([StatsHandler(), object()], rank=1))
+        1
+    """
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        return list(handlers)
+    return [h for h in handlers
+            if type(h).__name__ not in RANK0_ONLY_HANDLERS and not getattr(h, "rank0_only", False)]
+
+
+class ValidateAtStart:
+    """Run the validator once before the first training iteration.
+
+    Models built on a physics start exactly at the physics baseline, so this first validation scores the floor and
+    the best-checkpoint saver stores it: the selected checkpoint is then never worse (on validation) than the
+    classical inverse. Put it at the end of ``train#handlers`` so the tracking handlers have opened their run before
+    the evaluator logs into it.
+
+    Runs only when training starts from epoch 0: a resumed run validated its floor when it first started.
+
+    Args:
+        validator: the evaluator (``@validate#evaluator``).
+        enabled: switch it off (e.g. ``medsr tune`` trials, where the floor is the same for every trial).
+    """
+
+    def __init__(self, validator: Any, enabled: bool = True) -> None:
+        from medsr_monai.utils import as_bool
+
+        self.validator, self.enabled = validator, as_bool(enabled, "validate_at_start")  # CLI strings too
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        # a resumed run (the resume handler restored epoch > 0 at STARTED) validated its floor in its first start
+        if engine.state.epoch == 0:
+            self.validator.run(engine.state.epoch)

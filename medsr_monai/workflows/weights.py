@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_weights", "save_weights"]
+__all__ = ["load_state", "load_weights", "save_weights"]
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -36,8 +37,23 @@ def load_weights(net: torch.nn.Module, path: str | Path | None, what: str = "wei
         raise ValueError(f"{what} {path}: cannot be read as a state dict ({e})") from e
     if isinstance(state, dict) and isinstance(state.get("network"), dict):
         state = state["network"]
-    try:
-        _unwrap(net).load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{what} {path}: does not fit the network ({str(e).splitlines()[0]})") from e
+    load_state(net, state, f"{what} {path}")
     return net
+
+
+def load_state(net: torch.nn.Module, state: dict, where: str) -> None:
+    """``load_state_dict`` with errors that name ``where``. A model that records its physics (``_extra_state``,
+    see :class:`~medsr_monai.networks.PhysicsSR`) refuses weights of another physics; weights saved before models
+    recorded it load with a warning that the check could not be made."""
+    module = _unwrap(net)
+    expects_record = any(k.endswith("_extra_state") for k in module.state_dict())
+    if expects_record and isinstance(state, dict) and not any(str(k).endswith("_extra_state") for k in state):
+        warnings.warn(f"{where}: records no physics (saved by an older version); cannot check that it was trained "
+                      "for this bundle's physics", stacklevel=3)
+        state = {**state, **{k: v for k, v in module.state_dict().items() if k.endswith("_extra_state")}}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{where}: does not fit the network ({str(e).splitlines()[0]})") from e
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
