@@ -233,7 +233,7 @@ def _compare_weights(client, run_id: str, new_model: Path, notes: list[str]) -> 
     a, b = (s["network"] if isinstance(s, dict) and isinstance(s.get("network"), dict) else s for s in (a, b))
     if a.keys() != b.keys():
         return "differ: different tensor names"
-    # tensors compared exactly; non-tensor entries (a model's recorded physics, ``_extra_state``) by value
+    # tensors compared exactly; any non-tensor entry by value
     bad = [k for k in a if not (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k])]
     return "identical" if not bad else f"differ in {len(bad)} of {len(a)} tensors (e.g. {bad[0]})"
 

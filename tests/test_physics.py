@@ -296,14 +296,14 @@ def test_a_checkpoint_of_another_physics_is_refused_by_name(tmp_path):
     # another network class is refused too
     other = PhysicsSR(EDSR(scale=4, num_blocks=1, features=8), in_plane_sr_physics(4))
     with pytest.raises(ValueError, match="SRCNN"):
-        other.load_state_dict({**other.state_dict(), "_extra_state": x4.get_extra_state()})
+        other.load_state_dict({**other.state_dict(), "physics_record": x4.state_dict()["physics_record"]})
 
 
 def test_weights_without_a_physics_record_load_with_a_warning(tmp_path):
     from medsr_monai.workflows import load_weights
 
     model = PhysicsSR(SRCNN(config="9-1-5"), in_plane_sr_physics(2), pre_upsample=True)
-    old = {k: v for k, v in model.state_dict().items() if k != "_extra_state"}
+    old = {k: v for k, v in model.state_dict().items() if k != "physics_record"}
     torch.save(old, tmp_path / "old.pt")
     with pytest.warns(UserWarning, match="records no physics"):
         load_weights(model, tmp_path / "old.pt")

@@ -5,7 +5,7 @@ from .discriminators import PatchGANDiscriminator, SRGANDiscriminator
 from .edsr import EDSR, EDSR_VARIANTS, EDSRResBlock
 from .srcnn import SRCNN, SRCNN_CONFIGS
 from .srresnet import SRResBlock, SRResNet
-from .wrappers import PhysicsCascade, PhysicsSR, find_last_conv, physics_signature
+from .wrappers import PhysicsCascade, PhysicsSR, decode_record, find_last_conv, physics_signature
 from .convlstm import BiConvLSTMSR, ConvLSTMCell
 from .unet import ResidualUNet
 
@@ -16,6 +16,7 @@ __all__ = [
     "PhysicsCascade",
     "PhysicsSR",
     "physics_signature",
+    "decode_record",
     "PatchGANDiscriminator",
     "ResnetGenerator",
     "SRCNN",

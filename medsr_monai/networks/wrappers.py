@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 
-__all__ = ["PhysicsSR", "find_last_conv", "physics_signature"]
+__all__ = ["PhysicsCascade", "PhysicsSR", "RECORD_KEY", "decode_record", "encode_record", "find_last_conv",
+           "physics_signature"]
 
 
 
@@ -44,8 +45,8 @@ class PhysicsSR(nn.Module):
     With a :class:`~medsr_monai.physics.ModalitySwitch`, ``forward`` takes ``modality`` (one name or one per batch
     item; MONAI's ``PrepareBatchExtraInput(extra_keys={"modality": "modality"})`` passes it from the batch).
 
-    The model records its physics: :meth:`get_extra_state` puts ``physics.config()``, the network class and
-    ``pre_upsample`` into every state dict (checkpoint), and loading a state dict whose physics (scale, grid,
+    The model records its physics: a ``physics_record`` buffer (the JSON of ``physics.config()``, the network class
+    and ``pre_upsample``) is in every state dict (checkpoint), and loading a state dict whose physics (scale, grid,
     profile, mask, ...) or network class differs raises ``ValueError`` naming both.
 
     Args:
@@ -83,6 +84,7 @@ class PhysicsSR(nn.Module):
                 last.weight.zero_()
                 if last.bias is not None:
                     last.bias.zero_()
+        self.register_buffer(RECORD_KEY, encode_record(self.record()))
 
     @property
     def scale(self) -> tuple[int, ...]:
@@ -116,10 +118,7 @@ class PhysicsSR(nn.Module):
         return {"physics": self.physics.config(), "network": type(self.net).__name__,
                 "pre_upsample": self.pre_upsample}
 
-    def get_extra_state(self) -> dict:
-        return self.record()
-
-    def set_extra_state(self, state) -> None:
+    def _check_record(self, state) -> None:
         from medsr_monai.physics import physics_from_config
 
         if not isinstance(state, dict) or "physics" not in state:
@@ -129,9 +128,49 @@ class PhysicsSR(nn.Module):
             raise ValueError(f"the weights were trained for physics {theirs.describe()}, but this model declares "
                              f"{self.physics.describe()}: use weights trained for this physics (scale, grid, "
                              "profile, mask) or change the config to match them")
-        if state.get("network") not in (None, type(self.net).__name__):
+        if state.get("network") not in (None, self._net_name()):
             raise ValueError(f"the weights belong to network {state.get('network')}, this model is "
-                             f"{type(self.net).__name__}")
+                             f"{self._net_name()}")
+        if state.get("cascades", 1) != getattr(self, "cascades", 1):
+            raise ValueError(f"the weights have {state.get('cascades')} cascades, this model has "
+                             f"{getattr(self, 'cascades', 1)}")
+
+    def _net_name(self) -> str:
+        return type(self.net).__name__
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the record is checked here, by meaning, before PyTorch compares tensor sizes; the model keeps its own
+        # record (the same physics may differ in choices that do not change the weights, e.g. consistency on/off)
+        key = prefix + RECORD_KEY
+        if key in state_dict:
+            self._check_record(decode_record(state_dict[key]))
+            state_dict[key] = getattr(self, RECORD_KEY).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+#: state-dict entry that holds a model's record (physics config, network class) as UTF-8 JSON bytes: a uint8
+#: tensor, so every tool that expects tensors in a state dict (MONAI's ``copy_model_state``, ``weights_only``
+#: loading, ONNX/TorchScript export) keeps working
+RECORD_KEY = "physics_record"
+
+
+def encode_record(record: dict) -> torch.Tensor:
+    """A record as a uint8 tensor of its sorted JSON."""
+    import json
+
+    return torch.tensor(list(json.dumps(record, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_record(t) -> dict | None:
+    """Inverse of :func:`encode_record` (``None`` for anything else)."""
+    import json
+
+    try:
+        return json.loads(bytes(torch.as_tensor(t).to(torch.uint8).tolist()).decode("utf-8"))
+    except Exception:  # noqa: BLE001 - not a record
+        return None
 
 
 _IGNORED_IN_SIGNATURE = ("dc", "seed", "random", "steps", "step")
@@ -183,6 +222,7 @@ class PhysicsCascade(PhysicsSR):
         self.cascades = int(cascades)
         self.nets = nn.ModuleList([self.net] + [copy.deepcopy(self.net) for _ in range(self.cascades - 1)])
         del self.net  # the first cascade is nets[0]
+        setattr(self, RECORD_KEY, encode_record(self.record()))  # now with the cascades
 
     def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
         z = self.physics.init_estimate(y)
@@ -191,14 +231,9 @@ class PhysicsCascade(PhysicsSR):
         return self.physics.to_image(z)
 
     def record(self) -> dict:
-        return {"physics": self.physics.config(), "network": type(self.nets[0]).__name__,
-                "cascades": self.cascades}
+        nets = getattr(self, "nets", None)
+        return {"physics": self.physics.config(), "network": type(nets[0] if nets is not None else self.net).__name__,
+                "cascades": getattr(self, "cascades", 1)}
 
-    def set_extra_state(self, state) -> None:
-        self.net = self.nets[0]  # the parent's check names the network class
-        try:
-            super().set_extra_state(state)
-        finally:
-            del self.net
-        if isinstance(state, dict) and state.get("cascades", self.cascades) != self.cascades:
-            raise ValueError(f"the weights have {state.get('cascades')} cascades, this model has {self.cascades}")
+    def _net_name(self) -> str:
+        return type(self.nets[0]).__name__

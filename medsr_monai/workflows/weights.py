@@ -42,15 +42,16 @@ def load_weights(net: torch.nn.Module, path: str | Path | None, what: str = "wei
 
 
 def load_state(net: torch.nn.Module, state: dict, where: str) -> None:
-    """``load_state_dict`` with errors that name ``where``. A model that records its physics (``_extra_state``,
+    """``load_state_dict`` with errors that name ``where``. A model that records its physics (``physics_record``,
     see :class:`~medsr_monai.networks.PhysicsSR`) refuses weights of another physics; weights saved before models
     recorded it load with a warning that the check could not be made."""
     module = _unwrap(net)
-    expects_record = any(k.endswith("_extra_state") for k in module.state_dict())
-    if expects_record and isinstance(state, dict) and not any(str(k).endswith("_extra_state") for k in state):
+    record = "physics_record"
+    expects_record = any(k.endswith(record) for k in module.state_dict())
+    if expects_record and isinstance(state, dict) and not any(str(k).endswith(record) for k in state):
         warnings.warn(f"{where}: records no physics (saved by an older version); cannot check that it was trained "
                       "for this bundle's physics", stacklevel=3)
-        state = {**state, **{k: v for k, v in module.state_dict().items() if k.endswith("_extra_state")}}
+        state = {**state, **{k: v for k, v in module.state_dict().items() if k.endswith(record)}}
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
