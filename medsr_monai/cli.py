@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare", help="table + plots of the best (or latest) run of each method and task in an MLflow store",
         description="Read an MLflow store and print one row per method and task: PSNR/SSIM of the method and of its "
-        "baseline (bicubic for in-plane SR, cubic through-plane, zero-fill / low-dose for restoration; see "
+        "baseline (the matched inverse of each physics: zero-fill / cubic in-plane, cubic + consistency through-plane, zero-fill / low-dose for restoration; see "
         "medsr_monai/compare.py), gain in dB, training wall time, training images/s (~ = estimated), parameters. "
         "Test metrics of evaluation runs are used when there are any (source=test), else the training run's "
         "validation metrics (source=val). Also writes a quality-vs-speed plot and a side-by-side of each run's "
