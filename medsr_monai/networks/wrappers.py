@@ -106,12 +106,16 @@ class PhysicsSR(nn.Module):
     def residual(self, y: torch.Tensor, modality=None) -> torch.Tensor:
         """``forward(y) - baseline(y)``: what sliding-window inference blends (the baseline is taken on whole
         slices once, so window edges never re-extrapolate it)."""
-        return self.forward(y, modality) - self.baseline(y, modality)
+        out, base = self._output_and_baseline(y, modality)
+        return out - base
 
-    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+    def _output_and_baseline(self, y: torch.Tensor, modality=None) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.baseline(y, modality)
         out = base + self.net(base if self.pre_upsample else y)
-        return self.consistency(out, y, modality)
+        return self.consistency(out, y, modality), base
+
+    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        return self._output_and_baseline(y, modality)[0]
 
     def record(self) -> dict:
         """What the model is: physics config, network class and input mode (stored with every state dict)."""
@@ -223,6 +227,9 @@ class PhysicsCascade(PhysicsSR):
         self.nets = nn.ModuleList([self.net] + [copy.deepcopy(self.net) for _ in range(self.cascades - 1)])
         del self.net  # the first cascade is nets[0]
         setattr(self, RECORD_KEY, encode_record(self.record()))  # now with the cascades
+
+    def residual(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        return self.forward(y, modality) - self.baseline(y, modality)
 
     def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
         z = self.physics.init_estimate(y)

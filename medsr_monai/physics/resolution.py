@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import torch  # noqa: F401  (used in the examples)
 
 from .base import Physics
 from .functional import _as_float_tensor, check_divisible, decimate_downsample, kspace_downsample, kspace_zerofill, scale_factors
@@ -48,7 +48,8 @@ class KSpaceTruncation(ResolutionPhysics):
     * ``baseline``: k-space zero-filling, the exact right inverse: ``A(baseline(y)) == y``;
     * ``consistency(x_hat, y) = x_hat - P x_hat + baseline(y)`` with ``P = baseline o A`` the projection onto the
       measured band: the measured frequencies are replaced by the measurement, the rest of ``x_hat`` is kept. It is
-      a projection (idempotent) and ``A(consistency(x_hat, y)) == y``.
+      a projection (idempotent) and ``A(consistency(x_hat, y)) == y``. Computed as ``x_hat + baseline(y - A(x_hat))``
+      (zero-filling is linear): one truncation and one zero-fill.
 
     Args:
         scale: integer factor, or one per spatial axis.
@@ -72,7 +73,7 @@ class KSpaceTruncation(ResolutionPhysics):
 
     def consistency(self, x_hat, y):
         x_hat = _as_float_tensor(x_hat)
-        return x_hat - self.baseline(self.A(x_hat)) + self.baseline(_as_float_tensor(y).to(x_hat.dtype))
+        return x_hat + self.baseline(_as_float_tensor(y).to(x_hat.dtype) - self.A(x_hat))
 
 
 class Decimation(ResolutionPhysics):

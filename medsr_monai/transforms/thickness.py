@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
