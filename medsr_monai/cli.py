@@ -3,6 +3,9 @@
 Training, evaluation and inference themselves run through MONAI's bundle runner, as a user would::
 
     python -m monai.bundle run --config_file bundles/edsr/configs/train.json --bundle_root bundles/edsr
+
+Default paths (MLflow store, ``experiments/``, ``data/samples``, the bundles named by ``medsr demo``) come from
+:mod:`medsr_monai.paths`: flags, then ``MEDSR_PROJECT_DIR`` / ``MEDSR_BUNDLES_DIR``, then the working directory.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import time
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "run_demo", "format_results_table"]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bundle_cmd(bundle: Path, configs: list[str], overrides: dict[str, object]) -> list[str]:
@@ -77,58 +78,73 @@ def format_results_table(results: dict[str, dict[str, float]], modalities=("MR",
     return "\n".join(lines)
 
 
-def run_demo(bundles: list[str], epochs: int, patches_per_slice: int, samples: Path, infer: bool = True) -> int:
-    """Fetch the samples, train and evaluate each bundle briefly, print the comparison and where to look."""
+def run_demo(bundles: list[str], epochs: int, patches_per_slice: int, samples: Path | None = None,
+             infer: bool = True, project: str | os.PathLike | None = None,
+             bundles_dir: str | os.PathLike | None = None) -> int:
+    """Fetch the samples, train and evaluate each bundle briefly, print the comparison and where to look.
+
+    Args:
+        bundles: bundle names, looked up in the bundles folder (:func:`medsr_monai.paths.find_bundle`) before
+            anything runs.
+        epochs, patches_per_slice: the short training budget.
+        samples: sample data folder (default ``<project>/data/samples``).
+        infer: also super-resolve one whole held-out volume with the last bundle.
+        project, bundles_dir: ``--project-dir`` / ``--bundles-dir`` (see :mod:`medsr_monai.paths`); the logs and the
+            table go to ``<project>/experiments/runs/demo``.
+    """
+    from medsr_monai.paths import experiments_dir, find_bundle, samples_dir
+
+    found = {name: find_bundle(name, bundles_dir, project) for name in bundles}  # refuse before anything runs
+    for bundle in found.values():
+        if not (bundle / "configs" / "train.json").is_file():
+            raise FileNotFoundError(f"bundle {bundle} has no configs/train.json")
     from medsr_monai.data import fetch_samples
     from medsr_monai.tracking import resolve_tracking_uri
 
     t0 = time.time()
-    samples = fetch_samples(samples)
-    uri = resolve_tracking_uri(REPO_ROOT / "bundles" / bundles[0])
+    samples = fetch_samples(Path(samples) if samples else samples_dir(project)).resolve()
+    uri = resolve_tracking_uri(found[bundles[0]], project=project)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
-    dataset = f"$'{samples.resolve()}'"
     results: dict[str, dict[str, float]] = {}
-    logs = REPO_ROOT / "experiments" / "runs" / "demo"
-    for name in bundles:
-        bundle = REPO_ROOT / "bundles" / name
-        if not (bundle / "configs" / "train.json").is_file():
-            raise FileNotFoundError(f"bundle {bundle} has no configs/train.json")
-        common = {"dataset_dir": dataset}
+    logs = experiments_dir(project) / "runs" / "demo"
+    for name, bundle in found.items():
+        common = {"dataset_dir": samples}
         _run(_bundle_cmd(bundle, ["train.json"], {**common, "max_epochs": epochs, "patches_per_slice": patches_per_slice,
                                                   "resume": False}),
              logs / f"{name}_train.log", f"train {name} ({epochs} epochs)")
         _run(_bundle_cmd(bundle, ["train.json", "evaluate.json"], common), logs / f"{name}_evaluate.log",
              f"evaluate {name} on the held-out patients")
         results[name] = json.loads((bundle / "eval" / "evaluation" / "metrics.json").read_text())
+    last = bundles[-1]
     if infer:
-        bundle = REPO_ROOT / "bundles" / bundles[-1]
         volume = samples / "nifti" / "brain2.nii.gz"
-        _run(_bundle_cmd(bundle, ["inference.json"], {"input": f"$'{volume.resolve()}'"}),
-             logs / f"{bundles[-1]}_inference.log", f"super-resolve a whole held-out volume with {bundles[-1]}")
+        _run(_bundle_cmd(found[last], ["inference.json"], {"input": volume}),
+             logs / f"{last}_inference.log", f"super-resolve a whole held-out volume with {last}")
     table = format_results_table(results)
     (logs / "results.md").write_text(table + "\n")
     store = uri.split(":///", 1)[-1]
     print("\n=== Held-out patients (brain2 MR, lung2 CT), x2 in-plane, PSNR over slices with >= 10 % foreground\n")
     print(table)
     print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Where to look:")
-    print(f"  MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{store} --port 5000   (or: medsr ui)")
-    for name in bundles:
-        print(f"  {name:6s} outputs:   bundles/{name}/eval/ (grids/, evaluation/metrics.json, slices.csv), "
-              f"weights bundles/{name}/models/model.pt")
+    print(f"  MLflow UI:        medsr ui   (or: mlflow ui --backend-store-uri sqlite:///{store} --port 5000)")
+    for name, bundle in found.items():
+        print(f"  {name:6s} outputs:   {bundle / 'eval'}/ (grids/, evaluation/metrics.json, slices.csv), "
+              f"weights {bundle / 'models' / 'model.pt'}")
     if infer:
-        print(f"  SR volume:        bundles/{bundles[-1]}/eval/inference/brain2_sr.nii.gz (+ .json sidecar)")
+        print(f"  SR volume:        {found[last] / 'eval' / 'inference' / 'brain2_sr.nii.gz'} (+ .json sidecar)")
     print(f"  logs and table:   {logs}/")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.bundles, args.epochs, args.patches_per_slice, Path(args.samples), infer=not args.no_inference)
+    return run_demo(args.bundles, args.epochs, args.patches_per_slice, args.samples, infer=not args.no_inference,
+                    project=args.project_dir, bundles_dir=args.bundles_dir)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from medsr_monai.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(REPO_ROOT / "bundles" / "edsr")
+    uri = resolve_tracking_uri(project=args.project_dir)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(shlex.join(cmd))
     if args.print_only:
@@ -140,7 +156,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from medsr_monai.compare import EmptyStoreError, compare
     from medsr_monai.tracking import resolve_tracking_uri
 
-    uri = args.tracking_uri or resolve_tracking_uri(REPO_ROOT / "bundles" / "edsr", check=False)
+    uri = args.tracking_uri or resolve_tracking_uri(check=False, project=args.project_dir)
     try:
         text, notes = compare(uri, select=args.select, fmt=args.format, out=args.out, plot=args.plot,
                               images=args.images, experiments=args.experiments)
@@ -159,6 +175,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from medsr_monai import __version__
     from medsr_monai.data.cli import register as register_data
+    from medsr_monai.paths import add_path_arguments
     from medsr_monai.publish.cli import register as register_publish
     from medsr_monai.reproduce import register as register_reproduce
     from medsr_monai.tuning.cli import register as register_tune
@@ -167,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medsr",
         description="medsr-monai: reproducible medical image super-resolution with MONAI bundles. "
         "Train/evaluate/infer with `python -m monai.bundle run --config_file bundles/<name>/configs/<cfg>.json "
-        "--bundle_root bundles/<name>`; this tool fetches data, runs the demo and opens the MLflow UI.",
+        "--bundle_root bundles/<name>`; this tool fetches data, runs the demo and opens the MLflow UI. "
+        "Default paths: --project-dir / $MEDSR_PROJECT_DIR, else the nearest folder from the working directory "
+        "upwards holding bundles/ and mlruns/, else the working directory (mlruns/, experiments/, data/samples/ "
+        "are in it); bundles named by name are found in --bundles-dir / $MEDSR_BUNDLES_DIR, else <project>/bundles.",
     )
     parser.add_argument("--version", action="version", version=f"medsr-monai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -183,11 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate on the held-out patients against the matched baseline (MR: k-space zero-fill, CT: cubic), super-resolve one "
         "whole volume, and print a comparison table plus where to look (MLflow UI, output folders).",
     )
-    demo.add_argument("--bundles", nargs="+", default=["srcnn", "edsr"], help="bundles under bundles/ (default: %(default)s)")
+    demo.add_argument("--bundles", nargs="+", default=["srcnn", "edsr"],
+                      help="bundle names, found in the bundles folder (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=3, help="training epochs per bundle (default: %(default)s)")
     demo.add_argument("--patches-per-slice", type=int, default=2, help="training patches per slice and epoch (default: %(default)s)")
-    demo.add_argument("--samples", default=str(REPO_ROOT / "data" / "samples"), help="sample data folder (default: %(default)s)")
+    demo.add_argument("--samples", default=None, help="sample data folder (default: <project>/data/samples)")
     demo.add_argument("--no-inference", action="store_true", help="skip the whole-volume inference step")
+    add_path_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
     cmp = sub.add_parser(
@@ -201,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--tracking-uri", default=None,
                      help="MLflow store: sqlite:///<abs>/mlflow.db or http(s)://server:port "
-                     "(default: MLFLOW_TRACKING_URI, else the project store mlruns/mlflow.db)")
+                     "(default: MLFLOW_TRACKING_URI, else the project store <project>/mlruns/mlflow.db)")
     cmp.add_argument("--select", choices=["best", "latest"], default="best",
                      help="per method and task: highest method PSNR, or most recent run (default: %(default)s)")
     cmp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown",
@@ -212,13 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--images", default="compare_images.png",
                      help="PNG of each selected run's image grid side by side ('' to skip; default: %(default)s)")
     cmp.add_argument("--experiments", nargs="+", default=None, help="only these MLflow experiments (bundle names)")
+    add_path_arguments(cmp, bundles=False)
     cmp.set_defaults(func=_cmd_compare)
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on the project store (mlruns/)",
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project store (<project>/mlruns/)",
                         description="Start `mlflow ui` on the project store (MLFLOW_TRACKING_URI if set).")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
     ui.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    add_path_arguments(ui, bundles=False)
     ui.set_defaults(func=_cmd_ui)
     return parser
 
@@ -230,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        sys.stdout.flush()
         print("interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, PermissionError, ValueError, RuntimeError) as e:
+        sys.stdout.flush()  # the error is the last line the user sees
         print(f"medsr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,9 +10,11 @@ What it does, in order (any refusal prints ``medsr reproduce: error: ...`` and e
    with the run's ``medsr.datalist_sha256`` / ``medsr.manifest_sha256`` tags. A mismatch (or a file that is gone,
    or appeared) is refused naming the file and both hashes. A run that recorded no datalist hash is refused
    unless ``--no-data-check``.
-3. Re-runs ``python -m monai.bundle run --config_file <executed_config.json>`` (same interpreter, cwd = the
-   repository) (a relative ``bundle_root`` is taken relative to the repository) with overrides: ``output_dir`` and ``ckpt_dir`` to a fresh folder (default
-   ``experiments/reproduce/<run_id>/<UTC stamp>/``; ``--output DIR`` must be empty or new), ``resume`` false,
+3. Re-runs ``python -m monai.bundle run --config_file <executed_config.json>`` (same interpreter and environment,
+   cwd = the project folder of :mod:`medsr_monai.paths`; a relative ``bundle_root`` is taken relative to the project
+   folder, and a ``bundle_root`` that is not there is looked up by its name in the bundles folder, with a note)
+   with overrides: ``output_dir`` and ``ckpt_dir`` to a fresh folder (default
+   ``<project>/experiments/reproduce/<run_id>/<UTC stamp>/``; ``--output DIR`` must be empty or new), ``resume`` false,
    a new ``run_name`` (``<original name>-repro-<stamp>``), and ``tracking_uri`` / ``experiment_name`` of the
    original run, so the reproduction lands beside it. The new run is then tagged ``medsr.reproduces=<run id>``.
    Evaluation runs (``medsr.stage=evaluate``) are supported: only ``output_dir`` moves, ``ckpt_path`` is pinned
@@ -42,7 +44,6 @@ from typing import Any
 
 __all__ = ["register", "reproduce", "ReproduceError"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _ENV_KEYS = ("git_commit", "git_dirty", "device", "torch_threads", "deterministic", "python")
 _FILES = {"datalist_sha256": "datalist.json", "manifest_sha256": "manifest.json"}
 
@@ -51,8 +52,14 @@ class ReproduceError(RuntimeError):
     """The run cannot be reproduced; the message says why (exit 2)."""
 
 
-def _expr(path: str | os.PathLike) -> str:
-    return "$" + repr(str(Path(path).resolve()))
+def _path(path: str | os.PathLike) -> str:
+    """An absolute path as a plain override value (the bundle runner keeps it a string)."""
+    return str(Path(path).resolve())
+
+
+def _text(value: str) -> str:
+    """A name as a ``$'...'`` expression: plain, a name such as ``2024`` would reach the config as a number."""
+    return "$" + repr(value)
 
 
 def _parse(cfg: dict, key: str) -> Any:
@@ -129,12 +136,42 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(run_id: str, tracking_uri: str, output: str | None = None, data_check: bool = True) -> dict:
-    """Re-run ``run_id`` of ``tracking_uri``; returns the comparison (see the module docstring)."""
+def _bundle_root(run_id: str, cfg: dict, project: Path, bundles: str | os.PathLike | None,
+                 notes: list[str]) -> Path:
+    """The recorded ``bundle_root`` here: relative -> under the project folder; not there -> the bundle of that name in
+    the bundles folder (a run recorded on another machine or in another checkout), with a note."""
+    from medsr_monai.paths import PathError, find_bundle
+
+    recorded = str(cfg.get("bundle_root", "."))
+    bundle_root = Path(recorded)
+    if not bundle_root.is_absolute():  # given relative to an unknown cwd: take the project folder's
+        bundle_root = project / bundle_root
+        notes.append(f"relative bundle_root {recorded!r} taken as {bundle_root}")
+    if not bundle_root.is_dir():
+        try:
+            found = find_bundle(bundle_root.resolve().name, bundles, project)
+        except PathError as e:
+            raise ReproduceError(f"run {run_id}: its bundle_root {bundle_root} does not exist here, and {e}") from e
+        notes.append(f"bundle_root {bundle_root} does not exist here: using {found}")
+        bundle_root = found
+    return bundle_root
+
+
+def reproduce(run_id: str, tracking_uri: str, output: str | None = None, data_check: bool = True,
+              project: str | os.PathLike | None = None, bundles: str | os.PathLike | None = None) -> dict:
+    """Re-run ``run_id`` of ``tracking_uri``; returns the comparison (see the module docstring).
+
+    Args:
+        project, bundles: ``--project-dir`` / ``--bundles-dir`` (see :mod:`medsr_monai.paths`): the re-run's working
+            directory and default output folder, and where a recorded bundle that is not there is looked up.
+    """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from medsr_monai.paths import project_dir
     from medsr_monai.tracking import TrackingError, check_tracking_uri
+
+    project = project_dir(project)
 
     try:
         check_tracking_uri(tracking_uri)
@@ -157,17 +194,13 @@ def reproduce(run_id: str, tracking_uri: str, output: str | None = None, data_ch
         except (MlflowException, OSError, ValueError) as e:
             raise ReproduceError(f"run {run_id} has no readable executed_config.json artifact (logged by "
                                  f"MLflowRunHandler with config_snapshot), so it cannot be re-run: {e}") from e
-    bundle_root = Path(str(cfg.get("bundle_root", ".")))
-    if not bundle_root.is_absolute():  # given relative to an unknown cwd: take the repository's
-        bundle_root = REPO_ROOT / bundle_root
-        notes.append(f"relative bundle_root {cfg.get('bundle_root')!r} taken as {bundle_root}")
+    bundle_root = _bundle_root(run_id, cfg, project, bundles, notes)
+    if str(bundle_root) != str(cfg.get("bundle_root", ".")):
         cfg["bundle_root"] = str(bundle_root)
-    if not bundle_root.is_dir():
-        raise ReproduceError(f"run {run_id}: its bundle_root {bundle_root} does not exist here")
     _data_check(run_id, tags, cfg, not data_check, notes)
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(output) if output else REPO_ROOT / "experiments" / "reproduce" / run_id / stamp
+    out = Path(output) if output else project / "experiments" / "reproduce" / run_id / stamp
     if out.exists() and any(out.iterdir()):
         raise ReproduceError(f"output folder {out} is not empty; name a new or empty one with --output")
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +208,8 @@ def reproduce(run_id: str, tracking_uri: str, output: str | None = None, data_ch
     cfg_file.write_text(json.dumps(cfg, indent=2))
     new_name = f"{orig.info.run_name}-repro-{stamp}"
     experiment = client.get_experiment(orig.info.experiment_id).name
-    overrides = {"output_dir": _expr(out), "run_name": "$" + repr(new_name), "tracking_uri": "$" + repr(tracking_uri),
-                 "experiment_name": "$" + repr(experiment)}
+    overrides = {"output_dir": _path(out), "run_name": _text(new_name), "tracking_uri": _text(tracking_uri),
+                 "experiment_name": _text(experiment)}
     if tags.get("medsr.stage") == "evaluate":
         try:
             ckpt = Path(str(_parse(cfg, "ckpt_path")))
@@ -184,21 +217,21 @@ def reproduce(run_id: str, tracking_uri: str, output: str | None = None, data_ch
             raise ReproduceError(f"evaluation run {run_id}: cannot resolve ckpt_path: {e}") from e
         if not ckpt.is_file():
             raise ReproduceError(f"evaluation run {run_id}: its checkpoint {ckpt} no longer exists")
-        overrides["ckpt_path"] = _expr(ckpt)
+        overrides["ckpt_path"] = _path(ckpt)
         notes.append(f"evaluation run: re-evaluated checkpoint {ckpt} (its content is not hashed by the run)")
     else:
-        overrides["ckpt_dir"] = _expr(out / "models")
+        overrides["ckpt_dir"] = _path(out / "models")
     if "resume" in cfg:
         overrides["resume"] = "$False"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg_file)]
     for k, v in overrides.items():
         cmd += [f"--{k}", v]
+    # the same interpreter and environment as this command (so the same medsr_monai), run from the project folder
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     log = out / "reproduce.log"
     print(f"medsr reproduce: re-running run {run_id} into {out} (log: {log})", file=sys.stderr, flush=True)
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, env=env, cwd=str(REPO_ROOT), stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, env=env, cwd=str(project), stdout=f, stderr=subprocess.STDOUT)
     new = _find_run(client, new_name)
     if new is not None:
         client.set_tag(new.info.run_id, "medsr.reproduces", run_id)
@@ -248,10 +281,12 @@ def _cmd(args) -> int:
     from medsr_monai.tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = args.tracking_uri or resolve_tracking_uri(REPO_ROOT / "bundles" / "edsr", check=False)
+    uri = args.tracking_uri or resolve_tracking_uri(check=False, project=args.project_dir)
     try:
-        result = reproduce(args.run_id, uri, output=args.output, data_check=not args.no_data_check)
+        result = reproduce(args.run_id, uri, output=args.output, data_check=not args.no_data_check,
+                           project=args.project_dir, bundles=args.bundles_dir)
     except ReproduceError as e:
+        sys.stdout.flush()  # the error is the last line the user sees
         print(f"medsr reproduce: error: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
@@ -278,12 +313,16 @@ def register(sub) -> None:
     p.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of the run to reproduce")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store: sqlite:///<abs>/mlflow.db or http(s)://server:port "
-                   "(default: MLFLOW_TRACKING_URI, else the project store mlruns/mlflow.db)")
+                   "(default: MLFLOW_TRACKING_URI, else the project store <project>/mlruns/mlflow.db)")
     p.add_argument("--output", default=None,
-                   help="new or empty folder for the re-run's outputs (default: experiments/reproduce/RUN_ID/<UTC stamp>)")
+                   help="new or empty folder for the re-run's outputs "
+                   "(default: <project>/experiments/reproduce/RUN_ID/<UTC stamp>)")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="report format (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="exit 1 when a metric differs by more than this (or is missing on one side)")
     p.add_argument("--no-data-check", action="store_true",
                    help="re-run even though the data hashes do not match or were not recorded")
+    from medsr_monai.paths import add_path_arguments
+
+    add_path_arguments(p)
     p.set_defaults(func=_cmd)

@@ -398,6 +398,36 @@ def test_dicom_series_geometry_agrees_with_simpleitk(tmp_path):
             assert mine == ref_arr[idx[::-1]]
 
 
+def test_one_loader_monai_loadimage_with_the_project_reader(tmp_path, sample_dir):
+    """load_volume is MONAI's LoadImage with VolumeReader: the stored voxel type (uint16 too, which MONAI keeps
+    as int32) and the file's affine; LoadImage takes the reader by dotted path; one DICOM file reads as the
+    samples' converter reads it (one DICOM reader); one modality rule."""
+    from monai.transforms import LoadImage
+
+    from medsr_monai.data import load_volume
+    from medsr_monai.data.modality import guess_modality, volume_modality
+    from medsr_monai.data.samples import read_dicom_slice
+
+    affine = np.diag([0.8, 0.9, 3.0, 1.0])
+    u16 = write_nifti(tmp_path / "u16.nii.gz", np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3), affine)
+    data, aff, meta = load_volume(u16)
+    stored = nib.load(str(u16))
+    assert data.dtype == np.uint16 and meta["format"] == "nifti" and np.array_equal(aff, stored.affine)
+    np.testing.assert_array_equal(data, np.asanyarray(stored.dataobj))
+    img = LoadImage(reader="medsr_monai.data.readers.VolumeReader", image_only=True)(str(u16))
+    np.testing.assert_array_equal(np.asarray(img.affine), stored.affine)
+
+    dcm = sample_dir.parent / "cache" / "files" / "pydicom-data-1.0.0" / "693_UNCR.dcm"
+    if dcm.is_file():
+        a, aa, m = load_volume(dcm)
+        b, ba, _ = read_dicom_slice(dcm)
+        assert a.dtype == b.dtype == np.int16 and m["Modality"] == "CT" and m["format"] == "dicom"
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(aa, ba)  # slice axis: SliceThickness (5 mm), not SpacingBetweenSlices (20 mm)
+    assert guess_modality(-1024) == "CT" and volume_modality(None, "auto", min_value=-1024) == "CT"
+    assert volume_modality("", "MRI", "CT", min_value=-1024) == "MR"
+
+
 # ----------------------------------------------------------------------------- datalists
 def test_load_datalist_errors(tmp_path, sample_dir):
     with pytest.raises(DatalistError, match="does not exist"):

@@ -37,6 +37,10 @@ def seq_data(sample_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("seqsr_data")
     for name in ("mni152", "pydeface_mean"):
         crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", root / f"{name}.nii.gz", (48, 48, 48))
+    # the bundle reads the same datalist as every other bundle and takes its near-isotropic volumes
+    (root / "datalist.json").write_text(json.dumps({
+        "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
+        "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
     return root
 
 

@@ -191,8 +191,7 @@ def test_missing_dataset_stops_before_any_trial(tmp_path, tiny_datalist):
     (broken / "datalist.json").write_text(json.dumps({s: [{"image": f"nifti/gone_{s}.nii.gz", "subject": "x",
                                                           "modality": "MR"}] for s in ("training", "validation")}))
     for bundle in sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/train.json")):
-        gone = "mni152" if bundle.name == "seqsr_lstm" else "gone_"  # seqsr_lstm reads nifti volumes by name
-        for data, named in ((tmp_path / "nowhere", str(tmp_path / "nowhere")), (broken, gone)):
+        for data, named in ((tmp_path / "nowhere", str(tmp_path / "nowhere")), (broken, "gone_")):
             settings = TuneSettings(bundle=bundle, trials=1, study_name="x", storage=storage(tmp_path),
                                     space=load_space(None), objective=Objective.parse("val_psnr"), tracking_uri="",
                                     output_root=tmp_path / "tune", best_out=tmp_path / "best.json",
@@ -200,7 +199,7 @@ def test_missing_dataset_stops_before_any_trial(tmp_path, tiny_datalist):
             with pytest.raises(TuneError, match=r"has no data: .*no trial was started") as err:
                 check_data(settings)
             assert named in str(err.value) and "\n" not in str(err.value), (bundle.name, str(err.value))
-        tiny = tiny_datalist.parent / ("nifti" if bundle.name == "seqsr_lstm" else "")
+        tiny = tiny_datalist.parent  # every bundle reads a datalist (seqsr_lstm: its near-isotropic volumes)
         check_data(TuneSettings(  # the tiny data itself passes
             bundle=bundle, trials=1, study_name="x", storage=storage(tmp_path), space=load_space(None),
             objective=Objective.parse("val_psnr"), tracking_uri="", output_root=tmp_path / "tune",
@@ -459,6 +458,9 @@ def _every_bundle_tiny(bundle: str, tiny_datalist: Path, sample_dir: Path, tmp: 
     if bundle == "seqsr_lstm":
         for name in ("mni152", "pydeface_mean"):
             crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", tmp / "seq" / f"{name}.nii.gz", (48, 48, 48))
+        (tmp / "seq" / "datalist.json").write_text(json.dumps({
+            "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
+            "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
         data = {"dataset_dir": str(tmp / "seq")}
     tiny = {"srcnn": TINY_TRAIN, "edsr": TINY_TRAIN, "srgan": SRGAN_TINY, "cyclegan": CYCLEGAN_TINY,
             "seqsr_lstm": SEQ_TINY, "unet": UNET_TINY}

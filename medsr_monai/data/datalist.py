@@ -28,6 +28,7 @@ __all__ = [
     "write_json",
     "file_sha256",
     "datalist_sha256",
+    "near_isotropic_files",
 ]
 
 DATALIST_NAME = "datalist.json"
@@ -157,3 +158,45 @@ def write_datalist(
             items.append(it)
         content[split] = items
     return write_json(p, content)
+
+
+def near_isotropic_files(path_or_dir: str | os.PathLike, split: str, modality: str | None = "MR",
+                         max_ratio: float = 1.5) -> list[str]:
+    """Images of one datalist split whose voxels are near-isotropic (largest / smallest spacing <= ``max_ratio``).
+
+    Through-plane SR trains on volumes that can be thickened along any axis, so it takes the
+    near-isotropic volumes of the same datalist every other bundle uses. Spacing comes from the
+    item's ``spacing`` field, else from the image header.
+
+    Args:
+        path_or_dir: datalist JSON, or a folder holding ``datalist.json``.
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        modality: keep only items of this modality (``None``: all).
+        max_ratio: largest allowed ratio of the coarsest to the finest voxel spacing.
+
+    Raises:
+        DatalistError: naming the datalist when the split has no such volume.
+
+    Example::
+
+        near_isotropic_files("data/samples", "training")  # ['/.../nifti/mni152.nii.gz']
+    """
+    f = resolve_datalist_path(path_or_dir)
+    out, seen = [], []
+    for it in load_datalist(f, split):
+        if modality is not None and it.get("modality", modality) != modality:
+            continue
+        spacing = it.get("spacing")
+        if not spacing:
+            import nibabel as nib  # only for items without a recorded spacing
+
+            spacing = nib.load(it["image"]).header.get_zooms()[:3]
+        spacing = [float(s) for s in spacing]
+        seen.append(f"{Path(it['image']).name} {'x'.join(f'{s:g}' for s in spacing)} mm")
+        if max(spacing) / min(spacing) <= max_ratio:
+            out.append(it["image"])
+    if not out:
+        raise DatalistError(
+            f"{f}: split {split!r} has no near-isotropic {modality or ''} volume (spacing ratio <= {max_ratio:g}); "
+            f"it has: {', '.join(seen) or 'none of that modality'}")
+    return out

@@ -18,18 +18,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .checks import VolumeError, check_array, check_volume, is_dicom_file, load_volume, read_dicom_series
+from .checks import check_array, check_volume
 from .datalist import DatalistError, SPLITS, file_sha256, write_datalist, write_json
+from .modality import guess_modality
+from .readers import VolumeError, is_dicom_file, load_volume, read_dicom_series
 
 __all__ = ["index_folder", "split_subjects", "guess_modality"]
 
 _NIFTI_EXT = (".nii", ".nii.gz")
 _NRRD_EXT = (".nrrd", ".nhdr")
-
-
-def guess_modality(min_value: float) -> str:
-    """CT if the darkest voxel is below -500 (air in HU), else MR."""
-    return "CT" if min_value < -500 else "MR"
 
 
 def _stem(path: Path) -> str:

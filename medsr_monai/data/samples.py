@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import LPS_TO_RAS, check_array, read_nrrd
+from .checks import check_array
 from .datalist import file_sha256, write_datalist, write_json
+from .readers import LPS_TO_RAS, VolumeError, read_dicom_series, read_nrrd
 
 __all__ = [
     "SampleIntegrityError",
@@ -349,57 +350,21 @@ def _check_against_sitk(src: Path, affine_ras: np.ndarray, shape: tuple[int, ...
 
 
 def read_dicom_slice(src: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read one single-frame DICOM image as a one-slice volume ``(columns, rows, 1)``.
+    """Read one single-frame DICOM image as a one-slice volume ``(columns, rows, 1)`` with the package's DICOM
+    reader (:func:`~medsr_monai.data.readers.read_dicom_series`).
 
-    Values get RescaleSlope/RescaleIntercept applied (HU for CT; int16 when integral and in range,
-    else float32). The RAS affine comes from ImageOrientationPatient, ImagePositionPatient and
-    PixelSpacing (DICOM LPS, first two rows negated); the slice axis is the row x column normal
-    scaled by SliceThickness, or 1.0 mm when the file has none (``meta["thickness_source"]``).
+    Values get RescaleSlope/RescaleIntercept applied (HU for CT; int16 when the rescale is integral and the range
+    fits, else float32). The RAS affine comes from ImageOrientationPatient, ImagePositionPatient and PixelSpacing
+    (DICOM LPS, first two rows negated); the slice axis is the row x column normal scaled by SliceThickness, else
+    SpacingBetweenSlices, else 1.0 mm (``meta["thickness_source"]``).
     """
-    import pydicom
-
-    ds = pydicom.dcmread(str(src))
-    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if tag not in ds:
-            raise SampleIntegrityError(f"{Path(src).name}: DICOM file lacks {tag}")
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-        raise SampleIntegrityError(f"{Path(src).name}: expected a single-frame DICOM image")
-    pix = np.asarray(ds.pixel_array)
-    if pix.ndim != 2:
-        raise SampleIntegrityError(f"{Path(src).name}: pixel array shape {pix.shape}, expected 2D")
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    values = pix.astype(np.float64) * slope + intercept
-    if np.all(values == np.round(values)) and values.min() >= -32768 and values.max() <= 32767:
-        values = values.astype(np.int16)
-    else:
-        values = values.astype(np.float32)
-    data = values.T[:, :, None]  # (i = column, j = row, k = slice)
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    ps_row, ps_col = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
-    thickness = float(getattr(ds, "SliceThickness", 0) or 0)
-    source = "SliceThickness"
-    if not thickness > 0:
-        thickness, source = 1.0, "none in file: nominal 1.0 mm"
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps_col
-    lps[:3, 1] = col_dir * ps_row
-    lps[:3, 2] = normal * thickness
-    lps[:3, 3] = np.asarray(ds.ImagePositionPatient, dtype=float)
-    affine = LPS_TO_RAS @ lps
-    sbs = getattr(ds, "SpacingBetweenSlices", None)
-    meta = {
-        "PatientID": str(getattr(ds, "PatientID", "") or ""),
-        "Modality": str(getattr(ds, "Modality", "") or ""),
-        "TransferSyntaxUID": str(ds.file_meta.TransferSyntaxUID),
-        "RescaleSlope": slope,
-        "RescaleIntercept": intercept,
-        "slice_thickness_mm": thickness,
-        "thickness_source": source,
-        "SpacingBetweenSlices": float(sbs) if sbs not in (None, "") else None,
-    }
+    try:
+        data, affine, series = read_dicom_series(src)
+    except VolumeError as err:
+        raise SampleIntegrityError(f"{Path(src).name}: {err.problem}") from err
+    meta = {k: series[k] for k in ("PatientID", "Modality", "TransferSyntaxUID", "RescaleSlope", "RescaleIntercept")}
+    meta.update(slice_thickness_mm=series["slice_spacing_mm"], thickness_source=series["slice_spacing_source"],
+                SpacingBetweenSlices=series["SpacingBetweenSlices"])
     return data, affine, meta
 
 

@@ -13,8 +13,9 @@ from .provenance import sha256
 __all__ = ["MANIFEST", "EXCLUDED_DIRS", "bundle_files", "write_archive"]
 
 MANIFEST = "manifest.json"
-#: run outputs and caches, never part of a published bundle
-EXCLUDED_DIRS = {"eval", "__pycache__", "mlruns", ".ipynb_checkpoints"}
+#: run outputs and caches, never part of a published bundle; nor the overlays, which name shared bases outside
+#: the bundle: a published bundle carries the flat configs they render to (see :mod:`medsr_monai.overlays`)
+EXCLUDED_DIRS = {"eval", "__pycache__", "mlruns", ".ipynb_checkpoints", "overlays"}
 
 
 def bundle_files(bundle: Path) -> list[str]:

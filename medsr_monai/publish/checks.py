@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["PublishError", "REQUIRED_FILES", "SCHEMA", "check_required_files", "load_metadata", "check_metadata",
+__all__ = ["PublishError", "REQUIRED_FILES", "SCHEMA", "check_required_files", "check_rendered_configs", "load_metadata", "check_metadata",
            "check_version", "published_versions", "check_network", "load_weights", "real_slice"]
 
 #: files the model zoo requires in every bundle (relative to the bundle root)
@@ -23,11 +23,27 @@ class PublishError(RuntimeError):
     """A bundle or archive failed a check; the message names the file and the problem."""
 
 
+def check_rendered_configs(bundle: Path) -> None:
+    """A bundle written as overlays must publish the configs its overlays render to, not stale ones."""
+    from medsr_monai.overlays import render_bundle
+
+    if (bundle / "overlays").is_dir():
+        try:
+            stale = render_bundle(bundle, check=True)
+        except FileNotFoundError:  # a bundle copied without the shared bases: its configs/ are all there is
+            return
+        if stale:
+            raise PublishError(f"{bundle}: configs differ from what overlays/ render to ({', '.join(p.name for p in stale)}); "
+                               "run `python -m medsr_monai.overlays` on the bundle first")
+
+
 def check_required_files(bundle: Path) -> None:
-    """Refuse a bundle missing any of :data:`REQUIRED_FILES` (all missing ones are named at once)."""
+    """Refuse a bundle missing any of :data:`REQUIRED_FILES` (all missing ones are named at once), or one whose
+    configs are stale against its overlays."""
     missing = [f for f in REQUIRED_FILES if not (bundle / f).is_file()]
     if missing:
         raise PublishError(f"{bundle}: required file(s) missing: {', '.join(missing)}")
+    check_rendered_configs(bundle)
 
 
 def load_metadata(bundle: Path) -> dict:

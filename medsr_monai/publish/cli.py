@@ -18,10 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medsr_monai.paths import add_path_arguments, bundle_arg, project_dir
+
 from .checks import PublishError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SAMPLE = REPO_ROOT / "data" / "samples" / "nifti" / "brain2.nii.gz"
+
+def default_sample(project: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None) -> Path:
+    """The real scan used for the TorchScript check when neither ``--sample`` nor the inference config's input is
+    there: ``<project>/data/samples/nifti/brain2.nii.gz``, the project being ``--project-dir``, else the one the
+    bundle sits in, else the working directory (see :func:`medsr_monai.paths.project_dir`)."""
+    return project_dir(project, bundle_root=bundle) / "data" / "samples" / "nifti" / "brain2.nii.gz"
 
 
 def register(sub) -> None:
@@ -32,18 +38,20 @@ def register(sub) -> None:
                        "eager model on a real slice), then dist/<name>_<version>.zip with a sha256 manifest and the "
                        "training run's provenance. Weights with no matching FINISHED MLflow run are refused "
                        "unless --allow-no-provenance.")
-    p.add_argument("bundle", type=Path, help="bundle folder, e.g. bundles/edsr")
+    p.add_argument("bundle", help="bundle folder, e.g. bundles/edsr, or a bundle name found in the bundles "
+                   "folder, e.g. edsr")
     p.add_argument("--out", type=Path, default=Path("dist"), help="where archives are written (default: dist/)")
     p.add_argument("--run-id", default=None, help="MLflow run that trained models/model.pt (default: found by "
                    "matching the sha256 of models/model.pt against FINISHED runs' model.pt artifacts)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
-                   "project store <repo>/mlruns)")
+                   "project store <project>/mlruns)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the experiment_name of the bundle's train.json, "
                    "e.g. unet_mri_recon)")
     p.add_argument("--sample", type=Path, default=None, help="real NIfTI for the TorchScript-vs-eager check "
-                   f"(default: the inference config's input, else {DEFAULT_SAMPLE})")
+                   "(default: the inference config's input, else <project>/data/samples/nifti/brain2.nii.gz)")
     p.add_argument("--allow-no-provenance", action="store_true",
                    help="publish with provenance 'unknown' when no training run matches (default: refuse)")
+    add_path_arguments(p)
     p.set_defaults(func=cmd_publish)
 
     f = sub.add_parser("fetch-bundle", help="verify a published bundle's checksums and unpack it to DIR/<name>")
@@ -53,23 +61,24 @@ def register(sub) -> None:
 
 
 def _error(cmd: str, msg: str) -> int:
+    sys.stdout.flush()  # the error is the last line the user sees
     print(f"medsr {cmd}: error: {msg}", file=sys.stderr)
     return 2
 
 
-def _tracking_uri(bundle: Path, explicit: str | None) -> str | None:
+def _tracking_uri(bundle: Path, explicit: str | None, project: str | os.PathLike | None = None) -> str | None:
     """The store to search, without creating one as a side effect."""
     from medsr_monai.tracking.store import project_root, resolve_tracking_uri
 
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    if (project_root(bundle) / "mlruns" / "mlflow.db").is_file():
-        return resolve_tracking_uri(bundle, check=False)
+    if (project_root(bundle, project) / "mlruns" / "mlflow.db").is_file():
+        return resolve_tracking_uri(bundle, check=False, project=project)
     return None
 
 
-def _default_sample(bundle: Path) -> Path:
+def _default_sample(bundle: Path, project: str | os.PathLike | None = None) -> Path:
     try:
         from monai.bundle import ConfigParser
 
@@ -81,10 +90,11 @@ def _default_sample(bundle: Path) -> Path:
             return candidate
     except Exception:  # the config's input may need things that do not exist here; fall back
         pass
-    if DEFAULT_SAMPLE.is_file():
-        return DEFAULT_SAMPLE
+    fallback = default_sample(project, bundle)
+    if fallback.is_file():
+        return fallback
     raise PublishError(f"no real NIfTI for the TorchScript check: pass --sample (tried {bundle}'s inference "
-                       f"input and {DEFAULT_SAMPLE})")
+                       f"input and {fallback})")
 
 
 def _train_experiment(bundle: Path) -> str:
@@ -99,8 +109,11 @@ def _train_experiment(bundle: Path) -> str:
 
 def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: str | None = None,
             experiment: str | None = None, sample: Path | None = None, allow_no_provenance: bool = False,
-            log=print) -> Path:
+            log=print, project: str | os.PathLike | None = None) -> Path:
     """All checks, then the archive. Raises :class:`PublishError` on the first failed check.
+
+    ``project`` is ``--project-dir`` (see :mod:`medsr_monai.paths`): the MLflow store searched by default and the
+    default sample scan are in it.
 
     Returns:
         the archive path.
@@ -118,7 +131,7 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     version = check_version(meta, Path(out), name, bundle / "configs" / "metadata.json")
     log(f"{name} {version}: required files present, metadata valid, version new")
 
-    uri = _tracking_uri(bundle, tracking_uri)
+    uri = _tracking_uri(bundle, tracking_uri, project)
     experiment = experiment or _train_experiment(bundle)
     prov = find_provenance(bundle / "models" / "model.pt", experiment, uri, run_id) if uri else None
     if prov is None:
@@ -131,7 +144,7 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     else:
         log(f"provenance: run {prov['run_id']} ({prov['run_name']})")
 
-    sample = Path(sample) if sample else _default_sample(bundle)
+    sample = Path(sample) if sample else _default_sample(bundle, project)
     if not sample.is_file():
         raise PublishError(f"--sample {sample}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,9 +157,10 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
 
 def cmd_publish(args) -> int:
     try:
-        publish(args.bundle, args.out, args.run_id, args.tracking_uri, args.experiment, args.sample,
-                args.allow_no_provenance)
-    except PublishError as e:
+        bundle = bundle_arg(args.bundle, args.bundles_dir, args.project_dir)
+        publish(bundle, args.out, args.run_id, args.tracking_uri, args.experiment, args.sample,
+                args.allow_no_provenance, project=args.project_dir)
+    except (PublishError, FileNotFoundError) as e:
         return _error("publish", str(e))
     return 0
 

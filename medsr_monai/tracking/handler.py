@@ -23,7 +23,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
-__all__ = ["MLflowRunHandler", "capture_executed_config"]
+__all__ = ["MLflowRunHandler", "capture_executed_config", "config_params"]
 
 _MAX_TAG = 4900
 # modules whose calls must not be cut by the SIGTERM exception: a sqlite write interrupted half-way keeps the
@@ -40,13 +40,12 @@ def _in_store_call(frame) -> bool:
     return False
 
 
-def capture_executed_config() -> dict | None:
-    """The config of the ``monai.bundle`` workflow that is being run, with command-line overrides applied.
+def _running_parser():
+    """The :class:`~monai.bundle.ConfigParser` of the ``monai.bundle`` workflow being run, or ``None``.
 
-    ``monai.bundle run`` holds its :class:`~monai.bundle.ConfigParser` in the running
-    :class:`~monai.bundle.ConfigWorkflow`, which config items cannot reference; this walks up the call
-    stack (objects are being built from inside the workflow) to find it. Returns ``None`` when the
-    handler is built outside a bundle workflow (e.g. in plain Python).
+    ``monai.bundle run`` holds its parser in the running :class:`~monai.bundle.ConfigWorkflow`, which config
+    items cannot reference (a config has no id for its own parser); handlers are built from inside the
+    workflow, so this walks up the call stack to find it. ``None`` when built outside a bundle workflow.
     """
     from monai.bundle import ConfigParser, ConfigWorkflow
 
@@ -55,13 +54,69 @@ def capture_executed_config() -> dict | None:
         while frame is not None:
             for value in frame.f_locals.values():
                 if isinstance(value, ConfigWorkflow):
-                    return value.parser.get()
+                    return value.parser
                 if isinstance(value, ConfigParser):
-                    return value.get()
+                    return value
             frame = frame.f_back
     finally:
         del frame
     return None
+
+
+def capture_executed_config() -> dict | None:
+    """The config of the ``monai.bundle`` workflow that is being run, with command-line overrides applied
+    (``None`` outside a bundle workflow)."""
+    parser = _running_parser()
+    return None if parser is None else parser.get()
+
+
+#: top-level config entries that are code, not settings
+_NOT_PARAMS = ("imports", "initialize", "run", "finalize")
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _as_param(value: Any) -> Any:
+    """``value`` if it is a setting worth a param (a scalar, a device, a short list of scalars), else ``_SKIP``."""
+    if isinstance(value, _SCALARS):
+        return value[:500] if isinstance(value, str) else value
+    if type(value).__name__ == "device":  # torch.device, without importing torch here
+        return str(value)
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, _SCALARS) for v in value):
+        return list(value)
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def config_params(parser) -> dict[str, Any]:
+    """Every top-level setting of the executed config, as MLflow params, so configs need no mirror lists.
+
+    A literal scalar (or short list of scalars) is logged as written, after command-line overrides; an
+    expression (``"$..."`` / ``"@..."``) is logged with the value it evaluated to, but only if the workflow
+    already evaluated it (evaluating it here could build objects the run never asked for) and the value is a
+    scalar. Entries whose names start with ``_`` and the code lists (``imports``, ``initialize``, ``run``,
+    ``finalize``) are skipped.
+    """
+    from monai.bundle.config_item import ConfigExpression
+
+    raw = parser.get()
+    resolved = getattr(parser.ref_resolver, "resolved_content", {})
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in _NOT_PARAMS or isinstance(value, dict):
+            continue
+        def code(v: Any) -> bool:
+            return isinstance(v, str) and (ConfigExpression.is_expression(v) or v.startswith("@"))
+
+        if code(value) or (isinstance(value, list) and any(code(v) for v in value)):
+            if key not in resolved or resolved[key] is None or resolved[key] == [None] * len(value or []):
+                continue  # not evaluated by the run, or a check that returns nothing
+            value = resolved[key]
+        value = _as_param(value)
+        if value is not _SKIP:
+            params[key] = value
+    return params
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,6 +138,8 @@ class MLflowRunHandler(MLFlowHandler):
     Args:
         provenance: flat dict recorded as run tags (see :func:`~medsr_monai.tracking.collect_provenance`).
         config_snapshot: file to write the executed config to; logged as an artifact at start.
+        config_params: log every top-level setting of the executed config as a param (see :func:`config_params`);
+            ``experiment_param`` then only needs what is not a top-level setting (counts, descriptions).
         kwargs: passed to :class:`monai.handlers.MLFlowHandler` (``tracking_uri``, ``run_name``, ...).
 
     Example (bundle config)::
@@ -92,11 +149,14 @@ class MLflowRunHandler(MLFlowHandler):
          "config_snapshot": "$@output_dir + '/executed_config.json'", "close_on_complete": true}
     """
 
-    def __init__(self, provenance: dict[str, Any] | None = None, config_snapshot: str | None = None, **kwargs: Any):
+    def __init__(self, provenance: dict[str, Any] | None = None, config_snapshot: str | None = None,
+                 config_params: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.provenance = dict(provenance or {})
         self.config_snapshot = config_snapshot
-        self._executed = capture_executed_config() if config_snapshot else None
+        self._parser = _running_parser() if (config_snapshot or config_params) else None
+        self._executed = self._parser.get() if (config_snapshot and self._parser is not None) else None
+        self._config_params = bool(config_params)
         self._prev_sigterm = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -121,6 +181,9 @@ class MLflowRunHandler(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         fresh = self.cur_run is None
+        if fresh and self._config_params and self._parser is not None:
+            # every top-level setting, then the config's own extras (``experiment_param``) on top
+            self.experiment_param = {**config_params(self._parser), **(self.experiment_param or {})}
         if fresh:
             self._set_experiment()
             if self.experiment is not None:
@@ -142,6 +205,11 @@ class MLflowRunHandler(MLFlowHandler):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._executed, indent=2, default=str))
             self.client.log_artifact(run_id, str(path))
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            super()._log_params(dict(items[i:i + 100]))
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
         interrupted = isinstance(e, KeyboardInterrupt)

@@ -27,11 +27,16 @@ TRACKED_PACKAGES = (
 
 
 def git_info(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Commit hash and dirty flag of the git work tree containing ``path`` (default: this package).
+    """Commit hash and dirty flag of the git work tree containing ``path``.
 
+    By default the tree of this package (a checkout, or an editable install), else, for a package installed
+    from a wheel, the tree of the working directory (the user's project, whose bundles the run reads).
     Returns ``{"git_commit": "unknown", "git_dirty": "unknown"}`` outside a work tree or without git.
     """
-    where = Path(path) if path else Path(__file__).resolve().parent
+    if path is None:
+        info = git_info(Path(__file__).resolve().parent)
+        return info if info["git_commit"] != "unknown" else git_info(Path.cwd())
+    where = Path(path)
     if where.is_file():
         where = where.parent
     try:

@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..paths import project_dir
+
 __all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri", "init_tracking_store"]
 
 
@@ -15,21 +17,19 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store named by a setting cannot be used; the message names the setting."""
 
 
-def project_root(bundle_root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the project's ``mlruns/`` store.
+def project_root(bundle_root: str | os.PathLike | None = None, project: str | os.PathLike | None = None) -> Path:
+    """The folder holding the project's ``mlruns/`` store: :func:`medsr_monai.paths.project_dir`.
 
-    A bundle inside this repository (``<root>/bundles/<name>``) records into ``<root>/mlruns``; a bundle
-    elsewhere (e.g. unpacked by a collaborator) records into ``./mlruns`` of the working directory.
+    ``--project-dir`` (``project``) or ``MEDSR_PROJECT_DIR`` when given; else a bundle inside a project
+    (``<root>/bundles/<name>`` with ``<root>/mlruns``) records into ``<root>/mlruns``; else the nearest such project
+    from the working directory upwards; else a bundle elsewhere (e.g. unpacked by a collaborator, or the package
+    installed from a wheel) records into ``./mlruns`` of the working directory. Never the package's own location.
     """
-    if bundle_root is not None:
-        candidate = Path(bundle_root).resolve().parent.parent
-        if (candidate / "mlruns").is_dir() and (candidate / "bundles").is_dir():
-            return candidate
-    return Path.cwd()
+    return project_dir(project, bundle_root=bundle_root)
 
 
 def resolve_tracking_uri(bundle_root: str | os.PathLike | None = None, tracking_uri: str | None = None,
-                         check: bool = True) -> str:
+                         check: bool = True, project: str | os.PathLike | None = None) -> str:
     """The tracking URI a run uses: ``MLFLOW_TRACKING_URI`` if set, else ``tracking_uri``, else the
     project store ``sqlite:///<root>/mlruns/mlflow.db`` (artifacts beside it in ``mlruns/``).
 
@@ -40,10 +40,11 @@ def resolve_tracking_uri(bundle_root: str | os.PathLike | None = None, tracking_
         bundle_root: the bundle folder (to find the project root).
         tracking_uri: an explicit URI from the config, used when the environment sets none.
         check: verify the store can be reached now (see :func:`check_tracking_uri`).
+        project: ``--project-dir`` of a ``medsr`` command (see :func:`project_root`).
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
     if not uri:
-        store = project_root(bundle_root) / "mlruns"
+        store = project_root(bundle_root, project) / "mlruns"
         store.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{(store / 'mlflow.db').as_posix()}"
     if check:

@@ -9,10 +9,6 @@ from pathlib import Path
 
 __all__ = ["register", "parse_set", "settings_from_args"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SPACES_DIR = REPO_ROOT / "experiments" / "spaces"
-BEST_DIR = REPO_ROOT / "experiments" / "best"
-
 
 def parse_set(items: list[str]) -> dict[str, object]:
     """``["max_epochs=4", "optimizer=SGD", "ct_window=[-1000, 1000]"]`` -> overrides; values are JSON where they
@@ -30,22 +26,27 @@ def parse_set(items: list[str]) -> dict[str, object]:
 
 
 def settings_from_args(args: argparse.Namespace, argv: list[str]):
+    from medsr_monai.paths import bundle_arg, project_dir
     from medsr_monai.tracking import resolve_tracking_uri
     from medsr_monai.tuning.space import Objective, find_space, load_space
     from medsr_monai.tuning.study import TuneSettings, default_best_file, default_study_name
 
-    bundle = Path(args.bundle).resolve()
-    space_path = args.space or find_space(bundle, SPACES_DIR)
+    flag = getattr(args, "project_dir", None)
+    bundle = bundle_arg(args.bundle, getattr(args, "bundles_dir", None), flag).resolve()
+    project = project_dir(flag, bundle_root=bundle)  # the bundle's project, else here; never the package's folder
+    experiments = project / "experiments"
+    space_path = args.space or find_space(bundle, experiments / "spaces")
     space = load_space(space_path)
     fixed = dict(space.fixed)
     if args.epochs is not None:
         fixed["max_epochs"] = args.epochs
     fixed.update(parse_set(args.set))
     study = args.study or default_study_name(bundle)
-    storage = args.storage or f"sqlite:///{(REPO_ROOT / 'experiments' / 'optuna.db').as_posix()}"
-    uri = args.tracking_uri or resolve_tracking_uri(bundle, check=False)
-    output = Path(args.output or REPO_ROOT / "experiments" / "tune") / study
-    best = Path(args.best_out) if args.best_out else default_best_file(Path(args.best_dir or BEST_DIR), bundle, study)
+    storage = args.storage or f"sqlite:///{(experiments / 'optuna.db').as_posix()}"
+    uri = args.tracking_uri or resolve_tracking_uri(bundle, check=False, project=project)
+    output = Path(args.output or experiments / "tune") / study
+    best_dir = Path(args.best_dir or experiments / "best")
+    best = Path(args.best_out) if args.best_out else default_best_file(best_dir, bundle, study)
     enqueue = []
     for text in args.enqueue or []:
         try:
@@ -107,6 +108,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from medsr_monai.paths import add_path_arguments
+
     p = sub.add_parser(
         "tune", help="Optuna search over a bundle's own train.json (batch size, optimizer, learning rate, schedule)",
         description="Run (or continue) an Optuna study whose every trial is a run of BUNDLE/configs/train.json with "
@@ -114,8 +117,8 @@ def register(sub) -> None:
         "a median pruner stops weak trials; batch sizes that do not fit the data or memory are pruned with the "
         "reason; crashing trials are recorded FAIL and the study goes on. MLflow gets one parent run per study "
         "(experiment '<bundle experiment>-tune') with one nested run per trial, and Optuna's plots. The best "
-        "trial is written as an override file, one per study (experiments/best/<bundle>/<study>.json), for "
-        "`python -m monai.bundle run --config_file \"['train.json','best.json']\"`. Before the first trial the "
+        "trial is written as an override file, one per study (<project>/experiments/best/<bundle>/<study>.json), "
+        "for `python -m monai.bundle run --config_file \"['train.json','best.json']\"`. Before the first trial the "
         "bundle's data is checked with the study's overrides. Re-running the same command continues the study; "
         "Ctrl-C stops it keeping every finished trial. Exit status: 0 done, 1 every trial failed, 2 refused, "
         "130 interrupted.",
@@ -123,19 +126,20 @@ def register(sub) -> None:
         "MLflow server, e.g. --storage postgresql://user:pw@db/optuna --tracking-uri http://mlflow:5000 "
         "(see README).",
     )
-    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/edsr")
+    p.add_argument("--bundle", required=True,
+                   help="bundle folder, e.g. bundles/edsr, or a bundle name found in the bundles folder, e.g. edsr")
     p.add_argument("--trials", type=int, required=True,
                    help="total trials the study should hold (any state); a second call with a larger N adds trials")
     p.add_argument("--study", default=None,
                    help="study name (default: the bundle's folder name, e.g. srcnn); names the best-override file")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage URL (default: sqlite:///<repo>/experiments/optuna.db; "
+                   help="Optuna storage URL (default: sqlite:///<project>/experiments/optuna.db; "
                    "postgresql://... or mysql+pymysql://... for many machines)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study (default: 1)")
     p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
     p.add_argument("--space", default=None,
-                   help="search space JSON (default: experiments/spaces/<bundle>.json if present, else the built-in "
-                   "space: batch {16,32,64,128}, Adam/RMSprop/SGD, lr log-uniform 1e-5..1e-2, schedule)")
+                   help="search space JSON (default: <project>/experiments/spaces/<bundle>.json if present, else "
+                   "the built-in space: batch {16,32,64,128}, Adam/RMSprop/SGD, lr log-uniform 1e-5..1e-2, schedule)")
     p.add_argument("--objective", default=None,
                    help="validation metric to maximise, or a weighted sum: 'val_psnr' (default), 'val_ssim', "
                    "'val_psnr + 20*val_ssim'")
@@ -150,14 +154,18 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="base sampler seed; worker i of a call that finds n trials uses seed + 1000*i + n")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default: MLFLOW_TRACKING_URI, else the project store mlruns/mlflow.db)")
-    p.add_argument("--output", default=None, help="trial folders go to OUTPUT/<study>/ (default: experiments/tune)")
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else the project store "
+                   "<project>/mlruns/mlflow.db)")
+    p.add_argument("--output", default=None,
+                   help="trial folders go to OUTPUT/<study>/ (default: <project>/experiments/tune)")
     p.add_argument("--best-dir", default=None,
-                   help="best-trial override files go to BEST_DIR/<bundle>/<study>.json (default: experiments/best)")
+                   help="best-trial override files go to BEST_DIR/<bundle>/<study>.json "
+                   "(default: <project>/experiments/best)")
     p.add_argument("--best-out", default=None,
                    help="best-trial override file, instead of BEST_DIR/<bundle>/<study>.json")
     p.add_argument("--overwrite-best", action="store_true",
                    help="let this study replace a best-override file written by another study (refused otherwise)")
+    add_path_arguments(p)
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_tune, argv=None)

@@ -13,8 +13,11 @@ from .gan import (
     loss_terms,
     save_weights,
 )
-from .handlers import ResumeHandler, SRGridHandler, SRMetricsHandler, StopOnNonFiniteLoss, sr_items
-from .inference import VolumeSuperResolver, ensure_writable_dir, memory_estimate, resolve_inputs, sr_affine
+from medsr_monai.metrics import SRMetricsHandler, ThroughPlaneMetricsHandler, sr_items  # configs name them here
+from .handlers import ResumeHandler, SRGridHandler, StopOnNonFiniteLoss
+from .inference import (
+    SliceStrategy, VolumeRunner, VolumeSuperResolver, ensure_writable_dir, memory_estimate, resolve_inputs, sr_affine,
+)
 from .training import (
     DISCRIMINATORS,
     OPTIMIZERS,
@@ -27,6 +30,8 @@ from .training import (
     make_discriminator,
     make_optimizer,
     make_scheduler,
+    handler_list,
+    process_rank,
     rank_handlers,
     unknown_direction,
 )
@@ -34,22 +39,20 @@ from .restoration import (
     RESTORATION_TASKS, best_gaussian_sigma, check_task, restoration_channels, restoration_physics, task_file, unknown_loss,
 )
 from .through_plane import (
-    ThroughPlaneInferer,
-    ThroughPlaneMetricsHandler,
-    ThroughPlaneSuperResolver,
-    repeat_items,
-    volume_items,
+    ThroughPlaneInferer, ThroughPlaneStrategy, ThroughPlaneSuperResolver, repeat_items, volume_items,
 )
 
 __all__ = [
     "restoration_channels", "restoration_physics",
-    "RANK0_ONLY_HANDLERS", "ValidateAtStart", "rank_handlers",
+    "RANK0_ONLY_HANDLERS", "ValidateAtStart", "handler_list", "process_rank", "rank_handlers",
     "AuxiliaryPrediction", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
     "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "sr_items",
-    "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs", "sr_affine",
+    "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs",
+    "sr_affine",
     "DISCRIMINATORS", "OPTIMIZERS", "SCHEDULES", "LossProgressBar", "check_training_config", "count_parameters",
     "make_discriminator", "make_optimizer", "make_scheduler", "unknown_direction",
     "RESTORATION_TASKS", "best_gaussian_sigma", "check_task", "task_file", "unknown_loss",
-    "ThroughPlaneInferer", "ThroughPlaneMetricsHandler", "ThroughPlaneSuperResolver", "repeat_items", "volume_items",
+    "ThroughPlaneInferer", "ThroughPlaneMetricsHandler", "ThroughPlaneStrategy", "ThroughPlaneSuperResolver",
+    "repeat_items", "volume_items",
 ]

@@ -1,8 +1,7 @@
 """Ignite handlers the SR bundles need beyond MONAI's own.
 
-* :class:`SRMetricsHandler` — MONAI's metric handlers see only ``engine.state.output`` and average
-  over everything; SR evaluation must also score the interpolation baselines carried in the batch
-  (``bicubic``, ``zerofill``) on the *same* slices and report each modality separately.
+* :class:`SRMetricsHandler` and :func:`sr_items` live in :mod:`medsr_monai.metrics.handlers` (re-exported here:
+  the bundle configs name ``medsr_monai.workflows.SRMetricsHandler``).
 * :class:`SRGridHandler` — an LR | baseline | SR | HR picture per validation, for people to look at.
 * :class:`ResumeHandler` — MONAI's ``CheckpointLoader`` needs a file that exists; resuming after a kill
   needs "load the newest checkpoint if the previous run did not finish".
@@ -12,11 +11,8 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +21,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader
-from monai.metrics import PSNRMetric, SSIMMetric
 
+from medsr_monai.metrics.handlers import SRMetricsHandler, save_epoch_figure, sr_items
 from medsr_monai.utils import as_bool
 
-__all__ = ["SRMetricsHandler", "SRGridHandler", "ResumeHandler", "StopOnNonFiniteLoss", "sr_items"]
+__all__ = ["SRMetricsHandler", "SRGridHandler", "ResumeHandler", "StopOnNonFiniteLoss", "save_epoch_figure",
+           "sr_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,146 +38,6 @@ def _rank() -> int:
 
 def _as_list(x: Any) -> list:
     return x if isinstance(x, list) else [x]
-
-
-def sr_items(engine: Engine) -> list[dict[str, Any]]:
-    """Per-item dicts joining ``engine.state.batch`` (metadata, baselines) and ``output`` (pred, label).
-
-    Works whether or not the engine decollated its batch and output.
-    """
-    batch, output = engine.state.batch, engine.state.output
-    if isinstance(output, dict):  # not decollated: split along the batch dim
-        n = len(output["pred"])
-        output = [{k: v[i] for k, v in output.items() if isinstance(v, torch.Tensor)} for i in range(n)]
-    if isinstance(batch, dict):
-        n = len(output)
-        batch = [{k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == n else v)
-                  for k, v in batch.items()} for i in range(n)]
-    items = []
-    for b, o in zip(_as_list(batch), _as_list(output)):
-        items.append({**b, **o})
-    return items
-
-
-class SRMetricsHandler:
-    """PSNR and SSIM of the prediction and of each baseline, per slice, per modality and overall.
-
-    Metric protocol: images are compared on the normalised [0, 1] intensity scale (CT: HU window,
-    MR: volume percentiles), ``data_range=1``, over the whole slice (no border crop), predictions
-    and baselines clipped to [0, 1]; slices were selected for >= 10 % foreground upstream. SSIM is
-    MONAI's (11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03). Averages are over slices.
-
-    Results go into ``engine.state.metrics`` as ``{prefix}{method}_{psnr|ssim}`` and
-    ``{prefix}{group}_{method}_{psnr|ssim}`` (``method`` is ``sr`` for the model), plus
-    ``{prefix}balanced_{psnr|ssim}`` (the mean over groups of each group's mean, so that every modality
-    counts equally in checkpoint selection), ``{prefix}{baseline}_gain_db`` and ``{prefix}{group}_{baseline}_gain_db``: the mean per-slice PSNR
-    gain of the model over the baseline, on the slices that have that baseline (``zerofill`` exists for
-    MR only); per-slice rows are kept in ``engine.state.sr_records`` and optionally written to
-    ``csv_path`` / ``json_path``.
-
-    Args:
-        baseline_keys: batch keys holding baseline reconstructions at HR size (absent keys are skipped).
-        group_key: batch key to group by (e.g. ``modality``).
-        pred_key, label_key: output keys of the prediction and the HR reference.
-        prefix: prefix of the metric names (``val_`` in training, ``test_`` in evaluation).
-        csv_path, json_path: where to write per-slice rows and the summary at epoch end.
-        sharpness: also score :func:`~medsr_monai.metrics.gmsd` (lower is better) and
-            :func:`~medsr_monai.metrics.sharpness_ratio` (1 = as sharp as the reference), for methods that
-            trade PSNR for texture (SRGAN, CycleGAN).
-    """
-
-    def __init__(self, baseline_keys=("bicubic", "zerofill"), group_key: str = "modality", pred_key: str = "pred",
-                 label_key: str = "label", prefix: str = "val_", csv_path: str | None = None,
-                 json_path: str | None = None, spatial_dims: int = 2, sharpness: bool = False):
-        self.baseline_keys = tuple(baseline_keys)
-        self.group_key, self.pred_key, self.label_key, self.prefix = group_key, pred_key, label_key, prefix
-        self.csv_path, self.json_path = csv_path, json_path
-        self.sharpness = sharpness
-        self.psnr = PSNRMetric(max_val=1.0)
-        self.ssim = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0)
-        self.records: list[dict[str, Any]] = []
-        self._paired: list[tuple[str, dict[str, float]]] = []  # (group, {method: psnr}) per scored item
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.records = []
-        self._paired = []
-
-    def _score(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        x = x.detach().float().clamp(0, 1)[None]
-        y = y.detach().float()[None]
-        scores = {"psnr": float(self.psnr(x, y).mean()), "ssim": float(self.ssim(x, y).mean())}
-        if self.sharpness:
-            from medsr_monai.metrics import gmsd, sharpness_ratio
-
-            scores["gmsd"] = float(gmsd(x, y).mean())
-            scores["sharpness"] = float(sharpness_ratio(x, y).mean())
-        return scores
-
-    def iteration_completed(self, engine: Engine) -> None:
-        for item in sr_items(engine):
-            label = torch.as_tensor(item[self.label_key])
-            base = {
-                "subject": str(item.get("subject", "")),
-                "slice_index": int(item["slice_index"]) if "slice_index" in item else -1,
-                "group": str(item.get(self.group_key, "all")),
-            }
-            sources = {"sr": item.get(self.pred_key)}
-            sources.update({k: item[k] for k in self.baseline_keys if k in item})
-            psnrs: dict[str, float] = {}
-            for method, img in sources.items():
-                if img is None:
-                    continue
-                scores = self._score(torch.as_tensor(img), label)
-                psnrs[method] = scores["psnr"]
-                self.records.append({**base, "method": method, **scores})
-            self._paired.append((base["group"], psnrs))
-
-    def summary(self) -> dict[str, float]:
-        acc: dict[str, list[float]] = defaultdict(list)
-        for r in self.records:
-            for metric in ("psnr", "ssim", "gmsd", "sharpness"):
-                if metric not in r:
-                    continue
-                acc[f"{r['method']}_{metric}"].append(r[metric])
-                acc[f"{r['group']}_{r['method']}_{metric}"].append(r[metric])
-        out = {f"{self.prefix}{k}": float(np.mean(v)) for k, v in acc.items()}
-        # modality-balanced score for checkpoint selection: each group (modality) counts equally, however
-        # many slices it has (e.g. 24 MR slices vs 2 CT slices in the sample validation split)
-        groups = sorted({r["group"] for r in self.records})
-        for metric in ("psnr", "ssim"):
-            means = [out[f"{self.prefix}{g}_sr_{metric}"] for g in groups if f"{self.prefix}{g}_sr_{metric}" in out]
-            if means:
-                out[f"{self.prefix}balanced_{metric}"] = float(np.mean(means))
-        # gains are paired per slice: a baseline present on some slices only (zerofill: MR) is compared with the
-        # model on those slices, not with the model's mean over every slice
-        for k in self.baseline_keys:
-            gains: dict[str, list[float]] = defaultdict(list)
-            for group, psnrs in self._paired:
-                if "sr" in psnrs and k in psnrs:
-                    gains[""].append(psnrs["sr"] - psnrs[k])
-                    gains[f"{group}_"].append(psnrs["sr"] - psnrs[k])
-            for g, v in gains.items():
-                out[f"{self.prefix}{g}{k}_gain_db"] = float(np.mean(v))
-        return out
-
-    def epoch_completed(self, engine: Engine) -> None:
-        summary = self.summary()
-        engine.state.metrics.update(summary)
-        engine.state.sr_records = list(self.records)
-        if self.csv_path and self.records:
-            Path(self.csv_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.csv_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(self.records[0]))
-                writer.writeheader()
-                writer.writerows(self.records)
-        if self.json_path:
-            Path(self.json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.json_path).write_text(json.dumps(summary, indent=2, sort_keys=True))
 
 
 class SRGridHandler:
@@ -270,20 +127,6 @@ class _AtomicDiskSaver(DiskSaver):
         path = Path(self.dirname) / filename
         if path.exists():
             path.chmod(0o644)
-
-
-def save_epoch_figure(fig, output_dir: str | Path, prefix: str, epoch: int) -> Path:
-    """Save a matplotlib figure as ``{prefix}_epoch{NNNN}.png`` and ``{prefix}_latest.png``; close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"{prefix}_epoch{epoch:04d}.png"
-    fig.savefig(path, dpi=80)
-    fig.savefig(output_dir / f"{prefix}_latest.png", dpi=80)
-    plt.close(fig)
-    return path
 
 
 class ResumeHandler:

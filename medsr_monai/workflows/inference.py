@@ -1,16 +1,18 @@
-"""Whole-volume in-plane super-resolution: NIfTI in, NIfTI out, overlaying the input in a viewer.
+"""Whole-volume inference for every bundle: NIfTI (NRRD, DICOM) in, NIfTI + JSON sidecar out, overlaying the input.
 
-MONAI's evaluators assume the prediction lives on the input grid; an SR output lives on a finer grid,
-its intensities must go back to the input's units (HU stays HU) and its affine must change with the
-spacing. :class:`VolumeSuperResolver` does that around medsr's ``load_volume`` (NIfTI, NRRD or a DICOM
-series) and MONAI's ``SliceInferer`` (2D network over the slices of a volume, sliding window within each
-slice).
+:class:`VolumeRunner` is the one runner: inputs, loading with MONAI's ``LoadImage``
+(:func:`~medsr_monai.data.load_volume`), checks, modality, normalisation, output in the input's units and voxel
+type, sidecar, progress and memory figures. A small strategy says how the network runs over a volume and where
+its output lies: :class:`SliceStrategy` (MONAI's ``SliceInferer``, a 2D network over the slices, sliding window
+within each slice: in-plane SR; at scale 1 same-size restoration and translation) or
+:class:`~medsr_monai.workflows.through_plane.ThroughPlaneStrategy`. :class:`VolumeSuperResolver` and
+``ThroughPlaneSuperResolver`` are the runner with each strategy, the names the bundle configs use.
 
 Memory bound: the network only ever sees ``sw_batch_size`` windows of ``roi_size`` (on ``device``, e.g. the
 GPU); the input and output volumes stay in host memory as float32 (plus the output in its stored dtype while
 writing). :func:`memory_estimate` gives those figures for a volume; they are logged and kept in the sidecar.
 
-Grid convention: the LR input voxel ``i`` is taken to sit at output voxel ``s*i`` ("corner", what
+Grid convention (in-plane): the LR input voxel ``i`` is taken to sit at output voxel ``s*i`` ("corner", what
 k-space truncation and decimation produce). The output affine is therefore the input affine with
 the in-plane columns divided by ``s`` and the same origin.
 """
@@ -36,8 +38,8 @@ from medsr_monai.data.slices import slice_axis
 from .weights import load_weights
 
 __all__ = [
-    "VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir", "file_sha256", "memory_estimate",
-    "load_checkpoint", "volume_stem", "write_output_volume",
+    "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir",
+    "file_sha256", "memory_estimate", "load_checkpoint", "volume_stem", "write_output_volume",
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
@@ -180,78 +182,178 @@ def memory_estimate(in_shape: Sequence[int], zoom: Sequence[float], window: Sequ
     }
 
 
-class VolumeSuperResolver:
-    """Super-resolve whole volumes in-plane with a 2D LR->HR network and write NIfTI outputs.
+class VolumeRunner:
+    """Process whole volumes with a network and write NIfTI outputs with a JSON sidecar: one runner for every task.
+
+    Shared by every task: inputs (:func:`resolve_inputs`), the checkpoint, loading with MONAI's ``LoadImage``
+    (:func:`~medsr_monai.data.load_volume`: NIfTI, NRRD or a DICOM series, errors name the file), the checks
+    (3D, finite, not constant), the modality (datalist, DICOM header, ``modality``, else a guess from the
+    intensities), the normalisation (``ModalityNormalize`` without clipping, so the round trip keeps HU / MR
+    units), the output in the input's units and voxel type, the sidecar, progress bars and the memory figures.
+    What differs is the ``strategy``: :class:`SliceStrategy` (a 2D network over the slices: in-plane SR, and at
+    scale 1 same-size restoration -- denoising, MR reconstruction from the complex zero-filled image -- and
+    translation) or :class:`~medsr_monai.workflows.through_plane.ThroughPlaneStrategy`.
+
+    MONAI's evaluators assume the prediction lives on the input grid; an SR output lives on a finer grid, with its
+    own affine, hence this runner rather than MONAI's ``SupervisedEvaluator`` + ``SaveImage``.
 
     Args:
-        network: maps an LR batch ``(B, 1, h, w)`` to HR ``(B, 1, s*h, s*w)`` (normalised intensities).
-        scale: in-plane factor ``s``.
-        inputs: NIfTI file, folder or datalist (see :func:`resolve_inputs`).
-        output_dir: where ``<name>_sr.nii.gz`` and ``<name>_sr.json`` go.
+        network: the model (its ``physics``, if any, gives the output grid).
+        scale: the factor recorded in the sidecar (1 for restoration / translation).
+        inputs: NIfTI / NRRD file, folder, DICOM series or datalist (see :func:`resolve_inputs`).
+        output_dir: where ``<name>_<output_postfix>.nii.gz`` and ``.json`` go (created; must be writable).
+        strategy: how the network runs over a volume and where its output lies.
         checkpoint: optional weights file (a state dict, or a dict with a ``network`` entry), loaded with
             ``torch.load(weights_only=True)``.
-        modality: ``"MR"``, ``"CT"`` or ``"auto"`` (datalist field, else CT if the minimum is below -500).
-        roi_size: LR window (h, w) the network sees at once; ``sw_batch_size`` windows per forward pass.
-        overlap: sliding-window overlap (Gaussian blending).
-        normalizer_kwargs: passed to ``ModalityNormalize`` (CT window, MR percentiles); no clipping, so
-            intensities outside the window survive the round trip.
+        modality: ``"MR"``, ``"CT"`` or ``"auto"`` (see :func:`~medsr_monai.data.modality.volume_modality`).
+        normalizer_kwargs: passed to ``ModalityNormalize`` (CT window, MR percentiles).
         bundle_name, bundle_version: recorded in the JSON sidecar.
-        device: torch device for the network.
-
-    Example::
-
-        sr = VolumeSuperResolver(net, 2, "scan.nii.gz", "out/", checkpoint="models/model.pt")
-        written = sr.run()
+        device: torch device for the network (the volumes stay in host memory).
     """
 
-    def __init__(self, network: torch.nn.Module, scale: int, inputs: Any, output_dir: str,
-                 checkpoint: str | None = None, modality: str = "auto", roi_size: Sequence[int] = (128, 128),
-                 sw_batch_size: int = 8, overlap: float = 0.25, normalizer_kwargs: dict | None = None,
+    def __init__(self, network: torch.nn.Module, scale: int, inputs: Any, output_dir: str, strategy: Any,
+                 checkpoint: str | None = None, modality: str = "auto", normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None):
-        self.network, self.scale, self.inputs = network, int(scale), inputs
+                 output_postfix: str = "sr", progress: bool = True):
+        self.network, self.scale, self.inputs, self.strategy = network, int(scale), inputs, strategy
         self.output_dir, self.checkpoint, self.modality = output_dir, checkpoint, modality
-        self.roi_size, self.sw_batch_size, self.overlap = tuple(roi_size), sw_batch_size, overlap
         self.normalizer_kwargs = dict(normalizer_kwargs or {})
         self.bundle_name, self.bundle_version = bundle_name, bundle_version
         self.device, self.output_postfix, self.progress = torch.device(device), output_postfix, progress
-        if slice_axis not in (None, "auto", "None") and int(slice_axis) not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1, 2 or None (coarsest spacing), got {slice_axis!r}")
-        self.slice_axis = None if slice_axis in (None, "auto", "None") else int(slice_axis)
-        physics = getattr(network, "physics", None)
-        if physics is not None and physics.grid != "same" and any(s != self.scale for s in physics.scale):
-            raise ValueError(f"scale={self.scale} but the network's physics has scale {physics.scale}")
+        strategy.check(network)
 
     @property
     def takes_complex(self) -> bool:
-        """Whether the model's measurement is a complex image (Cartesian undersampling: the zero-filled image with
-        its phase), read from complex NIfTI."""
-        physics = getattr(self.network, "physics", None)
-        return getattr(physics, "name", "") == "cartesian_undersampling"
+        """Whether the model reconstructs from a complex image (read from complex NIfTI)."""
+        return self.strategy.takes_complex(self.network)
 
     def load_weights(self) -> str | None:
         return load_checkpoint(self.network, self.checkpoint)
 
-    def _modality(self, item: dict, vol: torch.Tensor) -> str:
-        m = str(item.get("modality") or self.modality or "auto").upper()
-        if m == "AUTO":
-            m = "CT" if float(vol.min()) < -500 else "MR"
-        return "MR" if m == "MRI" else m
+    def run(self) -> list[Path]:
+        items = resolve_inputs(self.inputs)
+        out_dir = ensure_writable_dir(self.output_dir)
+        ckpt_hash = self.load_weights()
+        self.network.to(self.device).eval()
+        return [self.process(item, out_dir, ckpt_hash)
+                for item in tqdm(items, desc=self.strategy.desc, disable=not self.progress)]
 
-    def _super_resolve(self, x: torch.Tensor, axis: int, modality: str) -> torch.Tensor:
-        """SR of a normalised ``(1, X, Y, Z)`` volume along its in-plane axes (all but ``axis``)."""
+    def process(self, item: dict, out_dir: Path, ckpt_hash: str | None) -> Path:
+        """Load, check, normalise, run, write one volume; return the output path."""
+        from medsr_monai.data import load_volume
+        from medsr_monai.data.checks import VolumeError, check_array
+        from medsr_monai.data.modality import volume_modality
+        from medsr_monai.transforms import ModalityNormalize, denormalize
+
+        src, strategy, takes_complex = Path(item["image"]), self.strategy, self.takes_complex
+        data, affine_in, meta = load_volume(src)  # NIfTI, NRRD or a DICOM series; errors name the file
+        # 3D (or one slice where the strategy takes it), finite, not constant; complex only for a complex model
+        check_array(src, data, affine_in, allow_single_slice=strategy.single_slice, allow_complex=takes_complex)
+        data = np.asarray(data)
+        data = data.reshape(data.shape[:3])  # drop singleton trailing dims that check_array allows
+        is_complex = np.iscomplexobj(data)
+        if takes_complex and not is_complex:
+            raise VolumeError(src, "is a real (magnitude) image, but this model reconstructs from the complex "
+                                   "zero-filled image (the phase of the measurement is needed for data "
+                                   "consistency): write one with medsr_monai.transforms.zero_filled_volume")
+        vol = torch.as_tensor(np.abs(data).astype(np.float32) if is_complex else data.astype(np.float32))[None]
+        dicom = meta.get("Modality", "").upper()
+        modality = volume_modality(item.get("modality"), dicom if dicom in ("CT", "MR") else None, self.modality,
+                                   min_value=float(vol.min()))
+        normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
+        x = torch.as_tensor(normalizer(vol))
+        lo, hi = normalizer.last_range
+        if is_complex:  # the same linear map on the complex image: (z - lo) / (hi - lo), as (real, imaginary)
+            z = (data.astype(np.complex64) - lo) / (hi - lo)
+            x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
+        spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
+        axis = strategy.axis(src, data.shape, spacing)
+        memory = strategy.memory(self.network, data.shape, axis)
+        if self.progress:
+            tqdm.write(strategy.describe(src, data.shape, axis, memory))
+        with torch.no_grad():
+            y = strategy(self.network, x, axis, modality, self.device)
+        y = denormalize(y, lo, hi).numpy()[0]
+        out = out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
+        return write_output_volume(y, strategy.affine(self.network, np.asarray(affine_in), axis),
+                                   np.dtype(np.float32) if is_complex else data.dtype, out, {
+            "bundle": self.bundle_name, "bundle_version": self.bundle_version,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
+            "scale": self.scale, "zoom": strategy.zoom(axis), **strategy.geometry(self.network, axis),
+            "modality": modality, "input": str(src), "input_format": meta.get("format"),
+            "input_shape": list(data.shape), "input_spacing_mm": spacing,
+            "normalization_range": [float(lo), float(hi)], **strategy.settings(), "memory": memory,
+        })
+
+
+class SliceStrategy:
+    """A 2D network over the slices of a volume (MONAI's ``SliceInferer``, sliding window within each slice).
+
+    In-plane SR at ``scale`` ``s`` (LR ``(B, C, h, w)`` -> HR ``(B, 1, s*h, s*w)``), and at scale 1 same-size
+    restoration (denoising; MR reconstruction from the complex zero-filled image, 2 channels, when the network's
+    physics is Cartesian undersampling) and translation (CycleGAN).
+
+    Memory bound: the network only ever sees ``sw_batch_size`` windows of ``roi_size`` (on ``device``); the input
+    and output volumes stay in host memory as float32. Grid: the physics' (``hr_affine``), else "corner" (LR
+    voxel ``i`` at output voxel ``s*i``: in-plane columns of the affine divided by ``s``, origin kept).
+
+    Args:
+        scale: in-plane factor.
+        roi_size: LR window (h, w) the network sees at once; ``sw_batch_size`` windows per forward pass.
+        overlap: sliding-window overlap (Gaussian blending).
+        slice_axis: 0, 1, 2, or ``None`` / ``"auto"`` (a single slice's singleton axis, else the coarsest spacing).
+    """
+
+    desc = "super-resolving volumes"
+    single_slice = True  # a one-slice volume (e.g. one DICOM image) is processed
+
+    def __init__(self, scale: int, roi_size: Sequence[int] = (128, 128), sw_batch_size: int = 8,
+                 overlap: float = 0.25, slice_axis: int | str | None = None, progress: bool = True):
+        if slice_axis not in (None, "auto", "None") and int(slice_axis) not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1, 2 or None (coarsest spacing), got {slice_axis!r}")
+        self.scale, self.roi_size, self.sw_batch_size = int(scale), tuple(roi_size), sw_batch_size
+        self.overlap, self.progress = overlap, progress
+        self.slice_axis = None if slice_axis in (None, "auto", "None") else int(slice_axis)
+
+    def check(self, network: torch.nn.Module) -> None:
+        physics = getattr(network, "physics", None)
+        if physics is not None and physics.grid != "same" and any(s != self.scale for s in physics.scale):
+            raise ValueError(f"scale={self.scale} but the network's physics has scale {physics.scale}")
+
+    @staticmethod
+    def takes_complex(network: torch.nn.Module) -> bool:
+        """A model whose measurement is a complex image (Cartesian undersampling: the zero-filled image with its
+        phase)."""
+        return getattr(getattr(network, "physics", None), "name", "") == "cartesian_undersampling"
+
+    def axis(self, src: Path, shape: Sequence[int], spacing: Sequence[float]) -> int:
+        return slice_axis(shape, spacing) if self.slice_axis is None else self.slice_axis
+
+    def zoom(self, axis: int) -> list[int]:
+        return [1 if ax == axis else self.scale for ax in range(3)]
+
+    def _roi(self, shape: Sequence[int], axis: int) -> list[int]:
+        # a window larger than the slice would be padded up to roi_size: wasted work (4x for 256^2 in 512^2)
+        return [min(r, n) for r, n in zip(self.roi_size, [n for ax, n in enumerate(shape) if ax != axis])]
+
+    def memory(self, network: torch.nn.Module, shape: Sequence[int], axis: int) -> dict[str, Any]:
+        return memory_estimate(shape, self.zoom(axis), self._roi(shape, axis), self.sw_batch_size)
+
+    def describe(self, src: Path, shape: Sequence[int], axis: int, memory: dict) -> str:
+        return (f"{src.name}: {list(shape)} -> {[n * z for n, z in zip(shape, self.zoom(axis))]}, "
+                f"host memory ~{memory['input_volume_mib'] + memory['output_volume_mib']:.0f} MiB")
+
+    def __call__(self, net: torch.nn.Module, x: torch.Tensor, axis: int, modality: str,
+                 device: torch.device) -> torch.Tensor:
+        """The network's output for a normalised ``(C, X, Y, Z)`` volume over its in-plane axes (all but ``axis``)."""
         from medsr_monai.networks import PhysicsSR
 
         # slices smaller than roi_size are padded: replicate the edge (what the interpolation does at the
         # border), not MONAI's default zeros (0 = -1000 HU for CT, the low percentile for MR)
-        # a window larger than the slice would be padded up to roi_size: wasted work (4x for 256^2 in 512^2)
-        in_plane = [n for i, n in enumerate(x.shape[1:]) if i != axis]
-        roi = [min(r, n) for r, n in zip(self.roi_size, in_plane)]
         # windows go to the network's device one batch at a time; the volumes stay on the host (memory bound)
-        inferer = SliceInferer(spatial_dim=axis, roi_size=roi, sw_batch_size=self.sw_batch_size,
-                               overlap=self.overlap, mode="gaussian", padding_mode="replicate",
-                               progress=self.progress, sw_device=self.device, device="cpu")
-        net = self.network
+        inferer = SliceInferer(spatial_dim=axis, roi_size=self._roi(x.shape[1:], axis),
+                               sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian",
+                               padding_mode="replicate", progress=self.progress, sw_device=device, device="cpu")
         if not isinstance(net, PhysicsSR) or type(net).forward is not PhysicsSR.forward:
             return inferer(x[None], net)[0].cpu()
         # The physics baseline of each window on its own would re-extrapolate at every window edge, and blending
@@ -259,71 +361,43 @@ class VolumeSuperResolver:
         # then apply the consistency step once more to the whole slices (the blend weights break it at overlaps).
         slices = x.movedim(axis + 1, 0)  # (S, 1, h, w): the slices as a batch
         chunks = slices.split(self.sw_batch_size)
-        base = torch.cat([net.baseline(c.to(self.device), modality).cpu() for c in chunks])
+        base = torch.cat([net.baseline(c.to(device), modality).cpu() for c in chunks])
         residual = inferer(x[None], lambda t: net.residual(t, modality))[0].movedim(axis + 1, 0)
         out = base + residual
-        out = torch.cat([net.consistency(o.to(self.device), c.to(self.device), modality).cpu()
+        out = torch.cat([net.consistency(o.to(device), c.to(device), modality).cpu()
                          for o, c in zip(out.split(self.sw_batch_size), chunks)])
         return out.movedim(0, axis + 1)
 
-    def run(self) -> list[Path]:
-        from medsr_monai.data import load_volume
-        from medsr_monai.data.checks import VolumeError, check_array
-        from medsr_monai.transforms import ModalityNormalize, denormalize
+    def affine(self, network: torch.nn.Module, affine_in: np.ndarray, axis: int) -> np.ndarray:
+        physics = getattr(network, "physics", None)
+        if physics is not None and physics.spatial_dims == 2:
+            return physics.hr_affine(affine_in, [a for a in range(3) if a != axis])
+        return sr_affine(affine_in, self.scale, axis)
 
-        items = resolve_inputs(self.inputs)
-        out_dir = ensure_writable_dir(self.output_dir)
-        ckpt_hash = self.load_weights()
-        self.network.to(self.device).eval()
-        written = []
-        for item in tqdm(items, desc="super-resolving volumes", disable=not self.progress):
-            src = Path(item["image"])
-            data, affine_in, meta = load_volume(src)  # NIfTI, NRRD or a DICOM series; errors name the file
-            # 3D (or one slice), finite, not constant; complex only for a model whose measurement is complex
-            check_array(src, data, affine_in, allow_single_slice=True, allow_complex=self.takes_complex)
-            data = np.asarray(data)
-            data = data.reshape(data.shape[:3])  # drop singleton trailing dims that check_array allows
-            is_complex = np.iscomplexobj(data)
-            if self.takes_complex and not is_complex:
-                raise VolumeError(src, "is a real (magnitude) image, but this model reconstructs from the complex "
-                                       "zero-filled image (the phase of the measurement is needed for data "
-                                       "consistency): write one with medsr_monai.transforms.zero_filled_volume")
-            vol = torch.as_tensor(np.abs(data).astype(np.float32) if is_complex else data.astype(np.float32))[None]
-            dicom_modality = meta.get("Modality", "").upper()
-            if dicom_modality in ("CT", "MR") and not item.get("modality"):
-                item = {**item, "modality": dicom_modality}
-            modality = self._modality(item, vol)
-            normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
-            x = torch.as_tensor(normalizer(vol))
-            lo, hi = normalizer.last_range
-            if is_complex:  # the same linear map on the complex image: (z - lo) / (hi - lo), as (real, imaginary)
-                z = (data.astype(np.complex64) - lo) / (hi - lo)
-                x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
-            spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
-            axis = slice_axis(data.shape, spacing) if self.slice_axis is None else self.slice_axis
-            zoom = [1 if ax == axis else self.scale for ax in range(3)]
-            in_plane = [n for ax, n in enumerate(data.shape) if ax != axis]
-            memory = memory_estimate(data.shape, zoom, [min(r, n) for r, n in zip(self.roi_size, in_plane)],
-                                     self.sw_batch_size)
-            if self.progress:
-                tqdm.write(f"{src.name}: {list(data.shape)} -> {[n * z for n, z in zip(data.shape, zoom)]}, "
-                           f"host memory ~{memory['input_volume_mib'] + memory['output_volume_mib']:.0f} MiB")
-            with torch.no_grad():
-                y = self._super_resolve(x, axis, modality)
-            y = denormalize(y, lo, hi).numpy()[0]
-            out = out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
-            physics = getattr(self.network, "physics", None)
-            out_affine = (physics.hr_affine(np.asarray(affine_in), [a for a in range(3) if a != axis])
-                          if physics is not None and physics.spatial_dims == 2 else
-                          sr_affine(np.asarray(affine_in), self.scale, axis))
-            write_output_volume(y, out_affine, np.dtype(np.float32) if is_complex else data.dtype, out, {
-                "bundle": self.bundle_name, "bundle_version": self.bundle_version,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
-                "scale": self.scale, "zoom": zoom, "grid": physics.grid if physics is not None else "corner",
-                "physics": physics.config() if physics is not None else None, "slice_axis": axis, "modality": modality,
-                "input": str(src), "input_format": meta.get("format"), "input_shape": list(data.shape),
-                "input_spacing_mm": spacing, "normalization_range": [float(lo), float(hi)],
-                "roi_size": list(self.roi_size), "sw_batch_size": self.sw_batch_size, "memory": memory,
-            })
-            written.append(out)
-        return written
+    def geometry(self, network: torch.nn.Module, axis: int) -> dict[str, Any]:
+        physics = getattr(network, "physics", None)
+        return {"grid": physics.grid if physics is not None else "corner",
+                "physics": physics.config() if physics is not None else None, "slice_axis": axis}
+
+    def settings(self) -> dict[str, Any]:
+        return {"roi_size": list(self.roi_size), "sw_batch_size": self.sw_batch_size}
+
+
+class VolumeSuperResolver(VolumeRunner):
+    """:class:`VolumeRunner` with a :class:`SliceStrategy`: in-plane SR (``scale`` > 1), same-size restoration and
+    translation (``scale`` 1); the constructor the bundle configs use.
+
+    Example::
+
+        sr = VolumeSuperResolver(net, 2, "scan.nii.gz", "out/", checkpoint="models/model.pt")
+        written = sr.run()  # [Path("out/scan_sr.nii.gz")]
+    """
+
+    def __init__(self, network: torch.nn.Module, scale: int, inputs: Any, output_dir: str,
+                 checkpoint: str | None = None, modality: str = "auto", roi_size: Sequence[int] = (128, 128),
+                 sw_batch_size: int = 8, overlap: float = 0.25, normalizer_kwargs: dict | None = None,
+                 bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
+                 output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None):
+        strategy = SliceStrategy(scale, roi_size, sw_batch_size, overlap, slice_axis, progress)
+        super().__init__(network, scale, inputs, output_dir, strategy, checkpoint, modality, normalizer_kwargs,
+                         bundle_name, bundle_version, device, output_postfix, progress)

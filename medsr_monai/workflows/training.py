@@ -4,7 +4,7 @@ message that names the setting."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -146,21 +146,51 @@ RANK0_ONLY_HANDLERS = ("StatsHandler", "LossProgressBar", "MLflowRunHandler", "M
                        "TensorBoardStatsHandler")
 
 
-def rank_handlers(handlers: Iterable[Any], rank: int | None = None) -> list[Any]:
+def handler_list(handlers: Mapping[str, Any] | Iterable[Any] | None) -> list[Any]:
+    """The handlers to attach, in order, from a config's handler entry.
+
+    Bundle configs keep their handlers in a dict keyed by name (``train#handlers#mlflow``), so an overlay
+    or a command line changes, adds (``"train#handlers#my_handler": {...}``) or removes
+    (``"train#handlers#grids": null``) one by name, never by position. Ignite engines take a list: this
+    gives the dict's values in order, without the removed (``None``) ones. A list is passed through.
+
+    Example:
+        >>> handler_list({"stats": "S", "grids": None, "mlflow": "M"})
+        ['S', 'M']
+    """
+    if handlers is None:
+        return []
+    values = handlers.values() if isinstance(handlers, Mapping) else handlers
+    return [h for h in values if h is not None]
+
+
+def process_rank() -> int:
+    """This process's DDP rank (0 when ``torch.distributed`` is not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_handlers(handlers: Mapping[str, Any] | Iterable[Any], rank: int | None = None) -> list[Any]:
     """The handlers a DDP process attaches: all of them on rank 0, the others without the rank-0-only ones
-    (:data:`RANK0_ONLY_HANDLERS`, or any handler with ``rank0_only = True``).
+    (:data:`RANK0_ONLY_HANDLERS`, or any handler with ``rank0_only = True``), chosen by type, never by position.
+
+    Args:
+        handlers: a config's handler dict (see :func:`handler_list`) or a list.
+        rank: the process rank (default: from ``torch.distributed``, 0 when not initialised).
 
     Example:
         >>> class StatsHandler: pass
-        >>> len(rank_handlers([StatsHandler(), object()], rank=1))
+        >>> len(rank_handlers({"stats": StatsHandler(), "other": object()}, rank=1))
         1
     """
+    handlers = handler_list(handlers)
     if rank is None:
-        import torch.distributed as dist
+        from medsr_monai import workflows  # looked up at call time, so a test can stand in for the process rank
 
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = workflows.process_rank()
     if rank == 0:
-        return list(handlers)
+        return handlers
     return [h for h in handlers
             if type(h).__name__ not in RANK0_ONLY_HANDLERS and not getattr(h, "rank0_only", False)]
 
