@@ -66,6 +66,8 @@ def bench(row: str, args, env: dict[str, str], previous: dict[str, Any] | None =
     elif run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # each task has its own config (train.json: MRI reconstruction; train_ct_denoise.json: CT denoising)
+    train_cfg = "train.json" if ROWS[row]["task"] == "mri_recon" else f"train_{ROWS[row]['task']}.json"
     settings = {**ROWS[row], "max_epochs": args.epochs, "train#trainer#epoch_length": args.epoch_length,
                 "batch_size": args.batch_size, "patch_size": args.patch_size}
     if args.lr is not None:
@@ -78,9 +80,9 @@ def bench(row: str, args, env: dict[str, str], previous: dict[str, Any] | None =
         train_s = previous["train_s"]
     else:
         log(f"{row}: training {settings}")
-        train_s = run_logged(bundle_cmd(["train.json"], {**settings, **paths}), run_dir / "train.log", env)
+        train_s = run_logged(bundle_cmd([train_cfg], {**settings, **paths}), run_dir / "train.log", env)
     log(f"{row}: trained in {train_s / 60:.1f} min; evaluating on the held-out patient")
-    eval_s = run_logged(bundle_cmd(["train.json", "evaluate.json"], {**settings, **paths}), run_dir / "eval.log", env)
+    eval_s = run_logged(bundle_cmd([train_cfg, "evaluate.json"], {**settings, **paths}), run_dir / "eval.log", env)
     metrics = json.loads((run_dir / "out" / "evaluation" / "metrics.json").read_text())
     val = json.loads((run_dir / "out" / "val_metrics.json").read_text())
     weights = next((run_dir / "models").glob("*.pt"))

@@ -112,3 +112,26 @@ def test_ddp_drops_exactly_the_rank0_only_handlers_after_one_is_added(bundle, ti
     assert "TerminateOnNan" in kept and "ValidationHandler" in kept and "StatsHandler" not in kept
     assert rank_handlers(parser.get_parsed_content("train#handlers"), rank=0) == \
         handler_list(parser.get_parsed_content("train#handlers"))
+
+
+def _config_sets() -> list[tuple[str, ...]]:
+    sets = []
+    for bundle in BUNDLES:
+        cfg = REPO / "bundles" / bundle / "configs"
+        for train in sorted(p.stem for p in cfg.glob("train*.json")):
+            sets += [(bundle, train), (bundle, train, "evaluate"), (bundle, train, "multi_gpu_train")]
+        sets += [(bundle, p.stem) for p in sorted(cfg.glob("inference*.json"))]
+    return sets
+
+
+@pytest.mark.parametrize("combo", _config_sets(), ids=lambda c: "+".join(c))
+def test_every_reference_of_a_config_combination_is_defined(combo):
+    """A setting moved between overlays (e.g. into one task's overlay) must not leave an ``@id`` behind that the
+    other configs still use: MONAI would only say so when the run reaches it."""
+    import re
+
+    bundle, *names = combo
+    files = [REPO / "bundles" / bundle / "configs" / f"{n}.json" for n in names]
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    refs = set(re.findall(r"@([A-Za-z_][\w#]*)", json.dumps(parser.get())))
+    assert [r for r in sorted(refs) if r not in parser and not r.startswith("_meta_")] == []

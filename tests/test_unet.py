@@ -111,6 +111,10 @@ def test_bad_mask_settings_are_named():
 
     with pytest.raises(ValueError, match="task='sr'.*mri_recon"):
         check_task("sr")
+    # each task has its own config: asking the MRI config for the CT task names the config to use
+    with pytest.raises(ValueError, match="configs/train_ct_denoise.json"):
+        check_task("ct_denoise", "mri_recon")
+    assert check_task("ct_denoise", "ct_denoise")
 
 
 def test_seeded_low_dose_simulation_is_fixed_per_slice_and_cached(tiny_datalist, tmp_path):
@@ -250,8 +254,8 @@ def test_mri_recon_resumes_after_sigkill_then_evaluates_infers_and_exports(tiny_
 @pytest.mark.slow
 def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_datalist, tmp_path):
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
-    settings = {**TINY, "task": "ct_denoise"}
-    proc = run(bundle_cmd("run", "unet", ["train"], **_paths(tmp_path, tiny_datalist), **settings), env)
+    settings = dict(TINY)  # the CT task has its own config: configs/train_ct_denoise.json
+    proc = run(bundle_cmd("run", "unet", ["train_ct_denoise"], **_paths(tmp_path, tiny_datalist), **settings), env)
     assert proc.returncode == 0, tail(proc.stdout)
     models = tmp_path / "models"
     assert (models / "model_ct_denoise.pt").is_file() and not (models / "model.pt").exists()
@@ -259,7 +263,7 @@ def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_data
     (r,) = runs_of(env["MLFLOW_TRACKING_URI"], "unet_ct_denoise")
     assert r.info.status == "FINISHED"
     p = r.data.params
-    assert (p["task"], p["dose_fraction"], p["mask_type"]) == ("ct_denoise", "0.25", "-")
+    assert (p["task"], p["dose_fraction"]) == ("ct_denoise", "0.25") and "mask_type" not in p  # no MR settings
     assert eval(p["train_subjects"]) == ["lung1"] and eval(p["val_subjects"]) == ["cq500_ct", "pancreas_ct"]
     assert float(p["gaussian_sigma"]) in (0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)  # chosen on validation
     assert p["seed"] == "0" and "medsr.git_commit" in r.data.tags
@@ -276,7 +280,8 @@ def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_data
     assert {"model_ct_denoise.pt", "executed_config.json", "grid_latest.png", "val_metrics.json"} <= {
         Path(a).name for a in arts}, arts
 
-    proc = run(bundle_cmd("run", "unet", ["train", "evaluate"], **_paths(tmp_path, tiny_datalist), **settings), env)
+    proc = run(bundle_cmd("run", "unet", ["train_ct_denoise", "evaluate"], **_paths(tmp_path, tiny_datalist),
+                          **settings), env)
     assert proc.returncode == 0, tail(proc.stdout)
     m = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     for method in ("sr", "lowdose", "gaussian", "nlm"):
@@ -291,10 +296,10 @@ def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_data
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(config("unet", "inference")))
+    parser.read_config(str(config("unet", "inference_ct_denoise")))
     parser.read_meta(str(config("unet", "metadata")))
     src = tiny_datalist.parent / "nifti" / "lung2.nii.gz"
-    for k, v in {"bundle_root": str(REPO / "bundles" / "unet"), "task": "ct_denoise", "input": str(src),
+    for k, v in {"bundle_root": str(REPO / "bundles" / "unet"), "input": str(src),
                  "output_dir": str(tmp_path / "inf"), "ckpt_path": str(models / "model_ct_denoise.pt"), **NET}.items():
         parser[k] = v
     written = parser.get_parsed_content("runner").run()

@@ -31,9 +31,9 @@ ZOOM = {
 #: how the output grid sits on the input's: "corner" keeps the first voxel's centre (in-plane SR), "center"
 #: keeps the field of view (thick slices averaged over their thin slices)
 GRID = {"seqsr_lstm": "center"}
-#: overrides that let a bundle take these real-valued scans: unet's default task reconstructs from the *complex*
-#: zero-filled image (tested with one in tests/test_unet.py), its CT task takes real images
-OVERRIDES = {"unet": {"task": "ct_denoise"}}
+#: the inference config that takes these real-valued scans: unet's default task reconstructs from the *complex*
+#: zero-filled image (tested with one in tests/test_unet.py), its CT task (its own config) takes real images
+INFERENCE = {"unet": "inference_ct_denoise"}
 
 
 def _bundles() -> list[str]:
@@ -65,12 +65,12 @@ def _expected_affine(affine: np.ndarray, zoom, grid: str) -> np.ndarray:
 @pytest.mark.parametrize("bundle", _bundles())
 def test_volume_round_trip(bundle, volumes, tmp_path):
     torch.manual_seed(0)
-    net = network_from_config(bundle, **OVERRIDES.get(bundle, {}))
+    net = network_from_config(bundle, INFERENCE.get(bundle, "inference"))
     ckpt = tmp_path / "init.pt"
     torch.save(net.state_dict(), ckpt)
     out_dir = tmp_path / "out"
-    proc = run(bundle_cmd("run", bundle, ["inference"], input=expr(volumes), ckpt_path=expr(ckpt),
-                          output_dir=expr(out_dir), **OVERRIDES.get(bundle, {})), bundle_env(tmp_path))
+    proc = run(bundle_cmd("run", bundle, [INFERENCE.get(bundle, "inference")], input=expr(volumes),
+                          ckpt_path=expr(ckpt), output_dir=expr(out_dir)), bundle_env(tmp_path))
     assert proc.returncode == 0, tail(proc.stdout)
     meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
 

@@ -41,7 +41,9 @@ def settings_from_args(args: argparse.Namespace, argv: list[str]):
     if args.epochs is not None:
         fixed["max_epochs"] = args.epochs
     fixed.update(parse_set(args.set))
-    study = args.study or default_study_name(bundle)
+    config = args.config[:-5] if args.config.endswith(".json") else args.config
+    # a task config of its own (unet's train_ct_denoise) gets a study of its own: unet_ct_denoise
+    study = args.study or default_study_name(bundle) + ("" if config == "train" else "_" + config.removeprefix("train_"))
     storage = args.storage or f"sqlite:///{(experiments / 'optuna.db').as_posix()}"
     uri = args.tracking_uri or resolve_tracking_uri(bundle, check=False, project=project)
     output = Path(args.output or experiments / "tune") / study
@@ -57,7 +59,7 @@ def settings_from_args(args: argparse.Namespace, argv: list[str]):
                         objective=Objective.parse(args.objective or space.objective), tracking_uri=uri,
                         output_root=output.resolve(), best_out=best.resolve(), fixed=fixed, workers=args.workers,
                         timeout=args.timeout, seed=args.seed, enqueue=enqueue, default_trial=not args.no_default_trial,
-                        pruner=args.pruner, argv=argv, overwrite_best=args.overwrite_best)
+                        pruner=args.pruner, argv=argv, overwrite_best=args.overwrite_best, config=config)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
               f"params {summary['best_params']}")
         if summary["best_override"]:
             print(f"best override: {summary['best_override']}\n  use it: python -m monai.bundle run --config_file "
-                  f"\"['{settings.bundle / 'configs' / 'train.json'}','{summary['best_override']}']\" "
+                  f"\"['{settings.bundle / 'configs' / (settings.config + '.json')}','{summary['best_override']}']\" "
                   f"--bundle_root {settings.bundle}")
         else:
             print("best override: not written (see the note below)")
@@ -128,6 +130,9 @@ def register(sub) -> None:
     )
     p.add_argument("--bundle", required=True,
                    help="bundle folder, e.g. bundles/edsr, or a bundle name found in the bundles folder, e.g. edsr")
+    p.add_argument("--config", default="train",
+                   help="the training config in BUNDLE/configs/ to tune (default: %(default)s; e.g. train_ct_denoise "
+                        "for the U-Net's CT task, which has its own config)")
     p.add_argument("--trials", type=int, required=True,
                    help="total trials the study should hold (any state); a second call with a larger N adds trials")
     p.add_argument("--study", default=None,

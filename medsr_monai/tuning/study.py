@@ -65,6 +65,7 @@ class TuneSettings:
     pruner: str = "median"
     argv: list[str] = field(default_factory=list)
     overwrite_best: bool = False
+    config: str = "train"
 
 
 def open_storage(url: str, heartbeat: int = 60):
@@ -140,7 +141,7 @@ def _load_study(settings: TuneSettings, storage, worker: int):
 
 def _bundle_defaults(settings: TuneSettings) -> dict[str, Any]:
     """The bundle's own values of the searched parameters (with the fixed overrides applied) that lie in the space."""
-    parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()})
+    parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()}, settings.config)
     out = {}
     for key in settings.space.params:
         try:
@@ -154,10 +155,10 @@ def _bundle_defaults(settings: TuneSettings) -> dict[str, Any]:
 
 def _check_bundle(settings: TuneSettings) -> tuple[str, dict[str, Any]]:
     """Fail before any trial if the space names ids the bundle's train.json does not have."""
-    train = settings.bundle / "configs" / "train.json"
+    train = settings.bundle / "configs" / f"{settings.config}.json"
     if not train.is_file():
         raise TuneError(f"{settings.bundle} is not a bundle: {train} does not exist")
-    plain = bundle_parser(settings.bundle)
+    plain = bundle_parser(settings.bundle, config=settings.config)
     missing = []
     for key in list(settings.space.params) + list(settings.fixed):
         try:
@@ -167,7 +168,7 @@ def _check_bundle(settings: TuneSettings) -> tuple[str, dict[str, Any]]:
     if missing:
         raise TuneError(f"search space {settings.space.source}: {train} has no config id(s) {missing}; "
                         f"edit the space (per-bundle spaces live in experiments/spaces/<bundle>.json)")
-    parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()})
+    parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()}, settings.config)
     return str(parser.get_parsed_content("experiment_name")), parser.get()
 
 
@@ -208,7 +209,7 @@ def check_data(settings: TuneSettings) -> None:
     given = "dataset_dir" in settings.fixed
     user_data = any(str(k).startswith("dataset_dir") for k in settings.fixed)  # cyclegan: dataset_dir_a / _b
     with tempfile.TemporaryDirectory(prefix="medsr_tune_check_") as tmp:
-        parser = bundle_parser(settings.bundle, overrides)
+        parser = bundle_parser(settings.bundle, overrides, settings.config)
         parser["output_dir"] = as_override(tmp)  # a plain folder of volumes is indexed under output_dir: not here
         data_dir = None
         if _has_id(parser, "dataset_dir"):
@@ -332,7 +333,7 @@ def run_worker(settings: TuneSettings, worker: int, parent_run_id: str) -> int:
     tracker = StudyTracker(settings.tracking_uri, _tune_experiment(experiment), settings.study_name,
                            settings.storage, parent_run_id=parent_run_id)
     setup = TrialSetup(settings.bundle, settings.space, settings.objective, settings.fixed,
-                       settings.output_root, _tune_experiment(experiment), tracker)
+                       settings.output_root, _tune_experiment(experiment), tracker, config=settings.config)
     print(f"[worker {worker}] sampler seed {seed}", flush=True)
     deadline = time.time() + settings.timeout if settings.timeout else None
     with setup.stop:
@@ -389,7 +390,7 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
           f"{_tune_experiment(experiment)!r}, parent run {parent_id}" + (f"; failed dead trials {swept}" if swept else ""),
           flush=True)
     setup = TrialSetup(settings.bundle, settings.space, settings.objective, settings.fixed, settings.output_root,
-                       _tune_experiment(experiment), tracker)
+                       _tune_experiment(experiment), tracker, config=settings.config)
     deadline = time.time() + settings.timeout if settings.timeout else None
     status, reason = "FINISHED", "study reached its trial count or timeout"
     try:

@@ -74,6 +74,8 @@ class TrialSetup:
 
     Args:
         bundle: the bundle folder (``configs/train.json`` inside).
+        config: the training config's name in ``configs/`` (``train``; e.g. ``train_ct_denoise`` for a bundle
+            whose tasks have their own configs).
         space: the search space.
         objective: what the trial returns (maximised).
         fixed: overrides applied to every trial (budget, data), config ids -> values.
@@ -91,15 +93,16 @@ class TrialSetup:
     tracker: Any = None
     fatal: list[BaseException] = field(default_factory=list)
     stop: StopRequest = field(default_factory=StopRequest)
+    config: str = "train"
 
     @property
     def train_json(self) -> Path:
-        return self.bundle / "configs" / "train.json"
+        return self.bundle / "configs" / f"{self.config}.json"
 
     @functools.cached_property
     def config_keys(self) -> set[str]:
-        """Top-level ids of the bundle's train.json (read once per study, not per trial)."""
-        return set(bundle_parser(self.bundle).get().keys())
+        """Top-level ids of the bundle's training config (read once per study, not per trial)."""
+        return set(bundle_parser(self.bundle, config=self.config).get().keys())
 
 
 def as_override(value: Any) -> Any:
@@ -110,12 +113,13 @@ def as_override(value: Any) -> Any:
     return value
 
 
-def bundle_parser(bundle: Path, overrides: dict[str, Any] | None = None):
-    """The bundle's train.json in a :class:`~monai.bundle.ConfigParser` with ``bundle_root`` and overrides set."""
+def bundle_parser(bundle: Path, overrides: dict[str, Any] | None = None, config: str = "train"):
+    """The bundle's training config (``configs/<config>.json``) in a :class:`~monai.bundle.ConfigParser` with
+    ``bundle_root`` and overrides set."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_config(str(bundle / "configs" / f"{config}.json"))
     parser["bundle_root"] = str(bundle)
     for k, v in (overrides or {}).items():
         parser[k] = v

@@ -16,10 +16,19 @@ __all__ = ["RESTORATION_TASKS", "check_task", "best_gaussian_sigma", "restoratio
 RESTORATION_TASKS = {"mri_recon": ("MR", "recon"), "ct_denoise": ("CT", "denoised")}
 
 
-def check_task(task: str) -> bool:
-    """Raise a ``ValueError`` naming the choices for an unknown ``task`` (called from ``initialize``)."""
+def check_task(task: str, config_task: str | None = None) -> bool:
+    """Raise a ``ValueError`` naming the choices for an unknown ``task`` (called from ``initialize``).
+
+    Each task has its own config (``train.json`` reconstructs MRI, ``train_ct_denoise.json`` denoises CT); with
+    ``config_task`` given, a ``--task`` override that asks one config for the other task is refused, naming
+    the config to use.
+    """
     if task not in RESTORATION_TASKS:
         raise ValueError(f"task={task!r} is not supported; choose one of {tuple(RESTORATION_TASKS)}")
+    if config_task is not None and task != config_task:
+        wanted = "train.json" if task == "mri_recon" else f"train_{task}.json"
+        raise ValueError(f"task={task!r}: this config is the {config_task!r} task's; each task has its own config, "
+                         f"use configs/{wanted} (with evaluate.json / inference{wanted[5:]} as usual)")
     return True
 
 
