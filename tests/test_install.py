@@ -15,7 +15,6 @@ import os
 import shutil
 import site
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 

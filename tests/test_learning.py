@@ -8,7 +8,6 @@ prediction *is* the baseline and beating it means the network learned something 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -49,25 +48,11 @@ def _psnr(pred: torch.Tensor, label: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / mse))
 
 
-@pytest.fixture(scope="module")
-def seq_datalist(sample_dir, tmp_path_factory):
-    """The through-plane bundle's data: 48^3 crops of the real isotropic heads, in a datalist."""
-    from helpers import crop_nifti
-
-    root = tmp_path_factory.mktemp("learn_seq")
-    for name in ("mni152", "pydeface_mean"):
-        crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", root / f"{name}.nii.gz", (48, 48, 48))
-    (root / "datalist.json").write_text(json.dumps({
-        "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
-        "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
-    return root
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_one_real_batch_is_learned(case, tiny_datalist, seq_datalist, tmp_path):
+def test_one_real_batch_is_learned(case, tiny_datalist, seq_data, tmp_path):
     bundle = case.split("_ct")[0]
     cfg, overrides, steps, lr = CASES[case]
-    data = seq_datalist if bundle == "seqsr_lstm" else tiny_datalist.parent
+    data = seq_data if bundle == "seqsr_lstm" else tiny_datalist.parent
     parser = _parser(bundle, cfg, data, tmp_path, {**overrides, "learning_rate": lr, "seed": 0})
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")

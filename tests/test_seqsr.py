@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import (
-    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, crop_nifti, download_artifact, expr,
+    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, download_artifact, expr,
     kill_after_first_checkpoint, load_state, mlflow_client, network_from_config, run, runs_of, sha256, tail,
     torchrun_cmd,
 )
@@ -31,17 +31,7 @@ TINY = {**NET, "window": 4, "patch_size": 24, "batch_size": 4, "windows_per_epoc
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def seq_data(sample_dir, tmp_path_factory):
-    """48x48x48 centre crops (affines kept) of the real MNI152 (training) and pydeface mean head (held out)."""
-    root = tmp_path_factory.mktemp("seqsr_data")
-    for name in ("mni152", "pydeface_mean"):
-        crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", root / f"{name}.nii.gz", (48, 48, 48))
-    # the bundle reads the same datalist as every other bundle and takes its near-isotropic volumes
-    (root / "datalist.json").write_text(json.dumps({
-        "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
-        "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
-    return root
+# seq_data: the shared fixture in conftest.py (48^3 crops of the isotropic heads, in a datalist)
 
 
 def _paths(root, data):

@@ -446,22 +446,13 @@ def test_ctrl_c_keeps_finished_trials_and_a_killed_worker_is_failed_on_resume(tm
 
 
 # ---------------------------------------------------------------------------------------------------- every bundle
-def _every_bundle_tiny(bundle: str, tiny_datalist: Path, sample_dir: Path, tmp: Path) -> dict:
+def _every_bundle_tiny(bundle: str, tiny_datalist: Path, seq_data: Path) -> dict:
     """Fixed overrides that make one trial of ``bundle`` take seconds (the bundles' own tests use the same)."""
     from test_gan import CYCLEGAN_TINY, SRGAN_TINY
     from test_seqsr import TINY as SEQ_TINY
     from test_unet import TINY as UNET_TINY
 
-    from helpers import crop_nifti
-
-    data = {"dataset_dir": str(tiny_datalist.parent)}
-    if bundle == "seqsr_lstm":
-        for name in ("mni152", "pydeface_mean"):
-            crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", tmp / "seq" / f"{name}.nii.gz", (48, 48, 48))
-        (tmp / "seq" / "datalist.json").write_text(json.dumps({
-            "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
-            "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
-        data = {"dataset_dir": str(tmp / "seq")}
+    data = {"dataset_dir": str(seq_data if bundle == "seqsr_lstm" else tiny_datalist.parent)}
     tiny = {"srcnn": TINY_TRAIN, "edsr": TINY_TRAIN, "srgan": SRGAN_TINY, "cyclegan": CYCLEGAN_TINY,
             "seqsr_lstm": SEQ_TINY, "unet": UNET_TINY}
     assert bundle in tiny, f"new bundle {bundle}: add its tiny training settings here"
@@ -470,10 +461,10 @@ def _every_bundle_tiny(bundle: str, tiny_datalist: Path, sample_dir: Path, tmp: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", sorted(p.parent.parent.name for p in (REPO / "bundles").glob("*/configs/train.json")))
-def test_one_trial_of_every_bundle(bundle, tmp_path, tiny_datalist, sample_dir):
+def test_one_trial_of_every_bundle(bundle, tmp_path, tiny_datalist, seq_data):
     """Any bundle with a train.json can be tuned unchanged: its trial completes, reports every validation epoch to
     Optuna, logs into its nested MLflow run, and its best override is written."""
-    fixed = _every_bundle_tiny(bundle, tiny_datalist, sample_dir, tmp_path)
+    fixed = _every_bundle_tiny(bundle, tiny_datalist, seq_data)
     batch = fixed.pop("batch_size", 1)
     space = {"params": {"batch_size": {"type": "categorical", "choices": [batch]},
                         "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},
