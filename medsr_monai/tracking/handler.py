@@ -73,6 +73,14 @@ def capture_executed_config() -> dict | None:
 #: top-level config entries that are code, not settings
 _NOT_PARAMS = ("imports", "initialize", "run", "finalize")
 _SCALARS = (bool, int, float, str, type(None))
+_SKIP = object()
+
+
+def _is_code(value: Any) -> bool:
+    """A config expression (``"$..."``) or reference (``"@..."``), not a literal."""
+    from monai.bundle.config_item import ConfigExpression
+
+    return isinstance(value, str) and (ConfigExpression.is_expression(value) or value.startswith("@"))
 
 
 def _as_param(value: Any) -> Any:
@@ -86,9 +94,6 @@ def _as_param(value: Any) -> Any:
     return _SKIP
 
 
-_SKIP = object()
-
-
 def config_params(parser) -> dict[str, Any]:
     """Every top-level setting of the executed config, as MLflow params, so configs need no mirror lists.
 
@@ -98,18 +103,13 @@ def config_params(parser) -> dict[str, Any]:
     scalar. Entries whose names start with ``_`` and the code lists (``imports``, ``initialize``, ``run``,
     ``finalize``) are skipped.
     """
-    from monai.bundle.config_item import ConfigExpression
-
     raw = parser.get()
     resolved = getattr(parser.ref_resolver, "resolved_content", {})
     params: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("_") or key in _NOT_PARAMS or isinstance(value, dict):
             continue
-        def code(v: Any) -> bool:
-            return isinstance(v, str) and (ConfigExpression.is_expression(v) or v.startswith("@"))
-
-        if code(value) or (isinstance(value, list) and any(code(v) for v in value)):
+        if _is_code(value) or (isinstance(value, list) and any(_is_code(v) for v in value)):
             if key not in resolved or resolved[key] is None or resolved[key] == [None] * len(value or []):
                 continue  # not evaluated by the run, or a check that returns nothing
             value = resolved[key]
