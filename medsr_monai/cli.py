@@ -11,134 +11,20 @@ Default paths (MLflow store, ``experiments/``, ``data/samples``, the bundles nam
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "run_demo", "format_results_table"]
-
-
-def _bundle_cmd(bundle: Path, configs: list[str], overrides: dict[str, object]) -> list[str]:
-    files = [str(bundle / "configs" / c) for c in configs]
-    config_arg = files[0] if len(files) == 1 else repr(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, "--bundle_root", str(bundle)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    return cmd
-
-
-def _run(cmd: list[str], log: Path, title: str) -> None:
-    """Run a bundle command, streaming its output to the terminal and to ``log``."""
-    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            f.write(line)
-            if "WARNING" not in line and "warn" not in line.lower():
-                sys.stdout.write(line)
-        proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{title} failed (exit {proc.returncode}); full log: {log}")
-
-
-def format_results_table(results: dict[str, dict[str, float]], modalities=("MR", "CT")) -> str:
-    """Markdown table of held-out PSNR/SSIM per method and modality from evaluate.json's metrics files, each
-    method next to the matched classical inverse of its physics (MR: k-space zero-fill, CT: cubic on the corner
-    grid) and the gain over it; cubic interpolation is listed for reference.
-
-    Args:
-        results: ``{bundle_name: metrics}`` where metrics has keys like ``test_MR_sr_psnr`` and
-            ``test_MR_baseline_psnr`` (the physics baseline).
-    """
-    header = ["method"] + [f"{m} {k}" for m in modalities for k in ("PSNR dB", "SSIM", "gain dB")]
-    rows = []
-    first = next(iter(results.values()), {})
-    for baseline, label in (("baseline", "matched baseline (MR: k-space zero-fill, CT: cubic)"),
-                            ("bicubic", "cubic, corner grid (reference)")):
-        row = [label]
-        for m in modalities:
-            p, s = first.get(f"test_{m}_{baseline}_psnr"), first.get(f"test_{m}_{baseline}_ssim")
-            row += [f"{p:.2f}" if p is not None else "-", f"{s:.4f}" if s is not None else "-", "-"]
-        rows.append(row)
-    for name, metrics in results.items():
-        row = [name]
-        for m in modalities:
-            p, s = metrics.get(f"test_{m}_sr_psnr"), metrics.get(f"test_{m}_sr_ssim")
-            gain = metrics.get(f"test_{m}_baseline_gain_db")  # paired per slice, over the matched baseline
-            row += [f"{p:.2f}" if p is not None else "-", f"{s:.4f}" if s is not None else "-",
-                    f"{gain:+.2f}" if gain is not None else "-"]
-        rows.append(row)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def run_demo(bundles: list[str], epochs: int, patches_per_slice: int, samples: Path | None = None,
-             infer: bool = True, project: str | os.PathLike | None = None,
-             bundles_dir: str | os.PathLike | None = None) -> int:
-    """Fetch the samples, train and evaluate each bundle briefly, print the comparison and where to look.
-
-    Args:
-        bundles: bundle names, looked up in the bundles folder (:func:`medsr_monai.paths.find_bundle`) before
-            anything runs.
-        epochs, patches_per_slice: the short training budget.
-        samples: sample data folder (default ``<project>/data/samples``).
-        infer: also super-resolve one whole held-out volume with the last bundle.
-        project, bundles_dir: ``--project-dir`` / ``--bundles-dir`` (see :mod:`medsr_monai.paths`); the logs and the
-            table go to ``<project>/experiments/runs/demo``.
-    """
-    from medsr_monai.paths import experiments_dir, find_bundle, samples_dir
-
-    found = {name: find_bundle(name, bundles_dir, project) for name in bundles}  # refuse before anything runs
-    for bundle in found.values():
-        if not (bundle / "configs" / "train.json").is_file():
-            raise FileNotFoundError(f"bundle {bundle} has no configs/train.json")
-    from medsr_monai.data import fetch_samples
-    from medsr_monai.tracking import resolve_tracking_uri
-
-    t0 = time.time()
-    samples = fetch_samples(Path(samples) if samples else samples_dir(project)).resolve()
-    uri = resolve_tracking_uri(found[bundles[0]], project=project)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
-    results: dict[str, dict[str, float]] = {}
-    logs = experiments_dir(project) / "runs" / "demo"
-    for name, bundle in found.items():
-        common = {"dataset_dir": samples}
-        _run(_bundle_cmd(bundle, ["train.json"], {**common, "max_epochs": epochs, "patches_per_slice": patches_per_slice,
-                                                  "resume": False}),
-             logs / f"{name}_train.log", f"train {name} ({epochs} epochs)")
-        _run(_bundle_cmd(bundle, ["train.json", "evaluate.json"], common), logs / f"{name}_evaluate.log",
-             f"evaluate {name} on the held-out patients")
-        results[name] = json.loads((bundle / "eval" / "evaluation" / "metrics.json").read_text())
-    last = bundles[-1]
-    if infer:
-        volume = samples / "nifti" / "brain2.nii.gz"
-        _run(_bundle_cmd(found[last], ["inference.json"], {"input": volume}),
-             logs / f"{last}_inference.log", f"super-resolve a whole held-out volume with {last}")
-    table = format_results_table(results)
-    (logs / "results.md").write_text(table + "\n")
-    store = uri.split(":///", 1)[-1]
-    print("\n=== Held-out patients (brain2 MR, lung2 CT), x2 in-plane, PSNR over slices with >= 10 % foreground\n")
-    print(table)
-    print(f"\nfinished in {(time.time() - t0) / 60:.1f} min. Where to look:")
-    print(f"  MLflow UI:        medsr ui   (or: mlflow ui --backend-store-uri sqlite:///{store} --port 5000)")
-    for name, bundle in found.items():
-        print(f"  {name:6s} outputs:   {bundle / 'eval'}/ (grids/, evaluation/metrics.json, slices.csv), "
-              f"weights {bundle / 'models' / 'model.pt'}")
-    if infer:
-        print(f"  SR volume:        {found[last] / 'eval' / 'inference' / 'brain2_sr.nii.gz'} (+ .json sidecar)")
-    print(f"  logs and table:   {logs}/")
-    return 0
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.bundles, args.epochs, args.patches_per_slice, args.samples, infer=not args.no_inference,
-                    project=args.project_dir, bundles_dir=args.bundles_dir)
+    from medsr_monai.demo import run_demo
+
+    return run_demo(args.bundles, None if args.no_finetune else args.finetune, args.finetune_epochs,
+                    args.finetune_slices, args.samples, infer=not args.no_inference, project=args.project_dir,
+                    bundles_dir=args.bundles_dir)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -177,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medsr_monai.data.cli import register as register_data
     from medsr_monai.paths import add_path_arguments
     from medsr_monai.publish.cli import register as register_publish
+    from medsr_monai.demo import DEMO_BUNDLES
     from medsr_monai.reproduce import register as register_reproduce
     from medsr_monai.tuning.cli import register as register_tune
 
@@ -198,15 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     register_reproduce(sub)
 
     demo = sub.add_parser(
-        "demo", help="fetch the sample scans, train + evaluate the bundles briefly, print the comparison",
-        description="The main job end to end: fetch the real sample scans, train each bundle briefly on them, "
-        "evaluate on the held-out patients against the matched baseline (MR: k-space zero-fill, CT: cubic), super-resolve one "
-        "whole volume, and print a comparison table plus where to look (MLflow UI, output folders).",
+        "demo", help="fetch the sample scans, evaluate the shipped weights, fine-tune one bundle, print the comparison",
+        description="The main job end to end: fetch the real sample scans, evaluate each bundle's shipped weights on "
+        "the held-out patients against the matched classical inverse (MR: k-space zero-fill, CT: cubic on the corner "
+        "grid), per subject and the mean over subjects; fine-tune one bundle briefly from its shipped weights "
+        "(tracked in MLflow); super-resolve one whole held-out volume; print the table and where to look. Outputs "
+        "go to <project>/experiments/runs/demo/.",
     )
-    demo.add_argument("--bundles", nargs="+", default=["srcnn", "edsr"],
-                      help="bundle names, found in the bundles folder (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=3, help="training epochs per bundle (default: %(default)s)")
-    demo.add_argument("--patches-per-slice", type=int, default=2, help="training patches per slice and epoch (default: %(default)s)")
+    demo.add_argument("--bundles", nargs="+", default=list(DEMO_BUNDLES),
+                      help="bundle names, found in the bundles folder; each must ship models/model.pt "
+                      "(default: %(default)s)")
+    demo.add_argument("--finetune", default="srcnn", help="bundle fine-tuned from its shipped weights "
+                      "(default: %(default)s)")
+    demo.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs (default: %(default)s)")
+    demo.add_argument("--finetune-slices", type=int, default=4, help="fine-tuning slices per training volume and "
+                      "orientation (default: %(default)s)")
+    demo.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning step")
     demo.add_argument("--samples", default=None, help="sample data folder (default: <project>/data/samples)")
     demo.add_argument("--no-inference", action="store_true", help="skip the whole-volume inference step")
     add_path_arguments(demo)

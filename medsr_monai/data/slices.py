@@ -63,6 +63,7 @@ def volume_slices(
     progress: bool = True,
     check: bool = True,
     extra_keys: Sequence[str] = (),
+    all_axes_max_ratio: float | None = None,
 ) -> list[dict[str, Any]]:
     """Load, normalise and cut each volume into in-plane 2D slices.
 
@@ -88,6 +89,10 @@ def volume_slices(
         extra_keys: further volume keys of the transformed item with the same shape as ``key`` (e.g. a
             low-dose copy made by ``volume_transform``), cut into the same slices and stored under their own
             names; foreground and slice selection come from ``key`` alone.
+        all_axes_max_ratio: cut a near-isotropic volume (coarsest / finest spacing <= this, e.g. 1.5) along all
+            three axes (axial, coronal and sagittal slices: three times the training images from one scan, and
+            in-plane structure in every orientation); ``None``: only along the slice axis.
+            ``max_slices_per_volume`` and ``stride`` apply per axis.
 
     The slice axis is the coarsest-spacing axis (:func:`slice_axis_from_spacing`), except for a volume with
     exactly one singleton axis: that axis is the slice axis and the volume gives (at most) one slice.
@@ -105,36 +110,46 @@ def volume_slices(
         spacing = [float(s) for s in getattr(vol, "pixdim", [1.0, 1.0, 1.0])]
         if vol.ndim != 4:
             raise ValueError(f"{item.get(key, item)}: expected a channel-first 3D volume, got shape {tuple(vol.shape)}")
-        axis = slice_axis(vol.shape[1:], spacing)
-        arr = torch.as_tensor(np.asarray(vol), dtype=torch.float32).movedim(axis + 1, -1)
-        in_plane = [s for i, s in enumerate(spacing) if i != axis]
-        h, w = arr.shape[1] - arr.shape[1] % crop_multiple, arr.shape[2] - arr.shape[2] % crop_multiple
-        arr = arr[:, :h, :w]
-        extras = {}
-        for ek in extra_keys:
-            if tuple(d[ek].shape) != tuple(vol.shape):
-                raise ValueError(f"{item.get(key, item)}: {ek!r} has shape {tuple(d[ek].shape)}, "
-                                 f"{key!r} has {tuple(vol.shape)}")
-            extras[ek] = torch.as_tensor(np.asarray(d[ek]), dtype=torch.float32).movedim(axis + 1, -1)[:, :h, :w]
-        fg = arr > foreground_threshold
-        frac = fg.flatten(0, 2).float().mean(0)
-        keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground]
-        if max_slices_per_volume and len(keep) > max_slices_per_volume:
-            keep = [keep[i] for i in np.linspace(0, len(keep) - 1, max_slices_per_volume).round().astype(int)]
+        axes = [slice_axis(vol.shape[1:], spacing)]
+        if (all_axes_max_ratio and min(vol.shape[1:]) > 1
+                and max(spacing) <= all_axes_max_ratio * min(spacing)):
+            axes = [2, 0, 1]
         extra = {k: v for k, v in d.items() if k != key and not isinstance(v, (torch.Tensor, np.ndarray, dict))}
-        for k in keep:
-            slices.append({
-                **extra,
-                **{ek: ev[..., k].contiguous() for ek, ev in extras.items()},
-                out_key: arr[..., k].contiguous(),
-                "fg": fg[..., k].to(torch.uint8).contiguous(),
-                "slice_index": k,
-                "slice_axis": axis,
-                "pixdim": in_plane,
-            })
+        for axis in axes:
+            slices.extend(_cut(vol, d, item, key, out_key, axis, spacing, crop_multiple, extra_keys,
+                               foreground_threshold, min_foreground, stride, max_slices_per_volume, extra))
     if not slices:
         raise ValueError(
             f"no slice with >= {min_foreground:.0%} foreground in {len(items)} volume(s): "
             f"{[i.get(key) for i in items][:5]}"
         )
     return slices
+
+
+def _cut(vol, d, item, key, out_key, axis, spacing, crop_multiple, extra_keys, foreground_threshold,
+         min_foreground, stride, max_slices_per_volume, extra) -> list[dict[str, Any]]:
+    """The kept slices of one volume along one axis (see :func:`volume_slices`)."""
+    arr = torch.as_tensor(np.asarray(vol), dtype=torch.float32).movedim(axis + 1, -1)
+    in_plane = [s for i, s in enumerate(spacing) if i != axis]
+    h, w = arr.shape[1] - arr.shape[1] % crop_multiple, arr.shape[2] - arr.shape[2] % crop_multiple
+    arr = arr[:, :h, :w]
+    extras = {}
+    for ek in extra_keys:
+        if tuple(d[ek].shape) != tuple(vol.shape):
+            raise ValueError(f"{item.get(key, item)}: {ek!r} has shape {tuple(d[ek].shape)}, "
+                             f"{key!r} has {tuple(vol.shape)}")
+        extras[ek] = torch.as_tensor(np.asarray(d[ek]), dtype=torch.float32).movedim(axis + 1, -1)[:, :h, :w]
+    fg = arr > foreground_threshold
+    frac = fg.flatten(0, 2).float().mean(0)
+    keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground]
+    if max_slices_per_volume and len(keep) > max_slices_per_volume:
+        keep = [keep[i] for i in np.linspace(0, len(keep) - 1, max_slices_per_volume).round().astype(int)]
+    return [{
+        **extra,
+        **{ek: ev[..., k].contiguous() for ek, ev in extras.items()},
+        out_key: arr[..., k].contiguous(),
+        "fg": fg[..., k].to(torch.uint8).contiguous(),
+        "slice_index": k,
+        "slice_axis": axis,
+        "pixdim": in_plane,
+    } for k in keep]

@@ -5,7 +5,8 @@ Usage::
     medsr publish bundles/edsr [--out dist/] [--run-id RUN] [--sample scan.nii.gz] [--allow-no-provenance]
     medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/     # -> downloaded/edsr/
 
-``publish`` refuses weights whose training run cannot be found in the MLflow store unless
+``publish`` refuses weights whose training run cannot be found in the MLflow store (nor in the provenance sidecar
+shipped next to them, ``models/model.provenance.json``) unless
 ``--allow-no-provenance`` is given: a published model that nobody can trace back to its data and code is
 the failure this command exists to prevent. With the flag, the manifest says ``"provenance": "unknown"``
 and a warning is printed.
@@ -120,7 +121,7 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     """
     from .archive import write_archive
     from .checks import check_metadata, check_network, check_required_files, check_version
-    from .provenance import find_provenance
+    from .provenance import find_provenance, read_sidecar
 
     bundle = Path(bundle).resolve()
     if not bundle.is_dir():
@@ -133,16 +134,20 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
 
     uri = _tracking_uri(bundle, tracking_uri, project)
     experiment = experiment or _train_experiment(bundle)
-    prov = find_provenance(bundle / "models" / "model.pt", experiment, uri, run_id) if uri else None
+    weights = bundle / "models" / "model.pt"
+    prov = find_provenance(weights, experiment, uri, run_id) if uri else None
+    if prov is None and run_id is None:
+        prov = read_sidecar(weights)  # shipped weights on a fresh clone: the run's record travels with them
     if prov is None:
         where = f"in experiment {experiment!r} of {uri}" if uri else "(no MLflow store found)"
-        msg = f"no FINISHED training run with this models/model.pt {where}"
+        msg = f"no FINISHED training run with this models/model.pt {where}, and no models/model.provenance.json"
         if not allow_no_provenance:
             raise PublishError(f"{msg}; pass --run-id, --tracking-uri, or --allow-no-provenance")
         print(f"WARNING: {msg}: PUBLISHING WITH PROVENANCE 'unknown'", file=sys.stderr)
         prov = "unknown"
     else:
-        log(f"provenance: run {prov['run_id']} ({prov['run_name']})")
+        log(f"provenance: run {prov['run_id']} ({prov['run_name']})"
+            + (f", from the {prov['source']}" if prov.get("source") else ""))
 
     sample = Path(sample) if sample else _default_sample(bundle, project)
     if not sample.is_file():

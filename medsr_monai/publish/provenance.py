@@ -1,5 +1,7 @@
 """Which training run produced a bundle's weights: the FINISHED MLflow run whose ``model.pt`` artifact has the
-same sha256 as the bundle's ``models/model.pt``."""
+same sha256 as the bundle's ``models/model.pt``, or, where that store is not at hand (a fresh clone), the provenance
+sidecar shipped next to the weights (``models/model.provenance.json``, written from that run by
+:func:`write_sidecar`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from medsr_monai.data.datalist import file_sha256 as sha256
 
 from .checks import PublishError
 
-__all__ = ["sha256", "find_provenance", "run_provenance"]
+__all__ = ["sha256", "find_provenance", "run_provenance", "sidecar_path", "read_sidecar", "write_sidecar"]
+
+#: what a sidecar holds besides the run's provenance: the weights it describes, by name and sha256
+SIDECAR_SUFFIX = ".provenance.json"
 
 
 def _model_artifact_sha(client, run_id: str, tmp: str, size: int | None = None) -> str | None:
@@ -77,3 +82,49 @@ def find_provenance(model: Path, experiment: str, uri: str, run_id: str | None =
             if _model_artifact_sha(client, run.info.run_id, tmp, model.stat().st_size) == digest:
                 return run_provenance(client, run, uri)
     return None
+
+
+def sidecar_path(weights: Path) -> Path:
+    """``models/model.pt`` -> ``models/model.provenance.json``."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + SIDECAR_SUFFIX)
+
+
+def write_sidecar(weights: Path, provenance: dict, training: dict | None = None) -> Path:
+    """Store ``provenance`` (from :func:`run_provenance`) next to ``weights``, tied to them by sha256.
+
+    Args:
+        weights: the shipped weights file.
+        provenance: the training run's provenance (run id, metrics, params, seed, git commit, package versions,
+            data hashes).
+        training: how it was trained, in words and numbers (budget, threads, machine, what it was measured on).
+    """
+    import json
+
+    doc = {"weights": Path(weights).name, "weights_sha256": sha256(weights), **provenance}
+    if training:
+        doc["training"] = training
+    dest = sidecar_path(weights)
+    dest.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return dest
+
+
+def read_sidecar(weights: Path) -> dict | None:
+    """The sidecar's provenance of ``weights``; ``None`` when there is none. Raises :class:`PublishError` when the
+    sidecar is unreadable or describes other weights (its sha256 differs: the weights were retrained or replaced
+    and the sidecar was not)."""
+    import json
+
+    path = sidecar_path(weights)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PublishError(f"{path}: unreadable provenance sidecar ({e})") from e
+    if not isinstance(doc, dict) or doc.get("weights_sha256") != sha256(weights):
+        raise PublishError(f"{path} describes other weights (sha256 {str(doc.get('weights_sha256'))[:12]}) than "
+                           f"{weights} (sha256 {sha256(weights)[:12]}): write it again from the run that trained "
+                           "them, or remove it")
+    doc["source"] = f"sidecar {path.name}"
+    return doc

@@ -16,6 +16,7 @@ from .degrade import (
 )
 from .dispatch import SelectByKeyd
 from .physics import PhysicsBaselined, PhysicsDegraded
+from .paired_crop import RandScaledPairCropd
 from .functional import decimate_downsample, gaussian_blur, kspace_downsample, kspace_zerofill, rescale_affine
 from .grid import GRID_CONVENTIONS, INTERP_MODES, grid_interpolate, lr_positions
 from .intensity import (
@@ -77,6 +78,7 @@ __all__ = [
     "LowDoseCTNoise",
     "LowDoseCTNoised",
     "ModalityNormalize",
+    "RandScaledPairCropd",
     "ModalityNormalized",
     "RandDecimateDownsample",
     "RandDecimateDownsampled",

@@ -14,7 +14,7 @@ from .gan import (
     save_weights,
 )
 from medsr_monai.metrics import SRMetricsHandler, ThroughPlaneMetricsHandler, sr_items  # configs name them here
-from .handlers import ResumeHandler, SRGridHandler, StopOnNonFiniteLoss
+from .handlers import ResumeHandler, SRGridHandler, StopOnNonFiniteLoss, TrainTimeLimit
 from .inference import (
     SliceStrategy, VolumeRunner, VolumeSuperResolver, ensure_writable_dir, memory_estimate, resolve_inputs, sr_affine,
 )
@@ -47,7 +47,7 @@ __all__ = [
     "RANK0_ONLY_HANDLERS", "ValidateAtStart", "handler_list", "process_rank", "rank_handlers",
     "AuxiliaryPrediction", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
-    "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "sr_items",
+    "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "TrainTimeLimit", "sr_items",
     "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs",
     "sr_affine",
     "DISCRIMINATORS", "OPTIMIZERS", "SCHEDULES", "LossProgressBar", "check_training_config", "count_parameters",

@@ -230,3 +230,27 @@ class StopOnNonFiniteLoss:
                 f"{what} became {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
                 f"{where}. Lower learning_rate, or check the data for NaN/Inf."
             )
+
+
+class TrainTimeLimit:
+    """Stop training after ``seconds`` of wall time (Ignite's ``TimeLimit`` is a bare event callback; this attaches
+    it like every MONAI handler). The engine ends normally after the iteration that crosses the limit, so the
+    checkpoints and the MLflow run close as at the end of ``max_epochs``; ``None`` or 0 disables it.
+
+    Args:
+        seconds: the wall-time budget of the run.
+
+    Example:
+        >>> TrainTimeLimit(None).seconds is None
+        True
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = int(round(float(seconds))) if seconds else None
+
+    def attach(self, engine) -> None:
+        if self.seconds:
+            from ignite.engine import Events
+            from ignite.handlers import TimeLimit
+
+            engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(self.seconds))
