@@ -120,10 +120,7 @@ def run_demo(bundles: list[str] | tuple[str, ...] = DEMO_BUNDLES, finetune: str 
     from medsr_monai.paths import experiments_dir, find_bundle, samples_dir
 
     found = {name: find_bundle(name, bundles_dir, project) for name in bundles}  # refuse before anything runs
-    if finetune and finetune not in found:
-        found_ft = find_bundle(finetune, bundles_dir, project)
-    else:
-        found_ft = found.get(finetune) if finetune else None
+    found_ft = (found.get(finetune) or find_bundle(finetune, bundles_dir, project)) if finetune else None
     for bundle in [*found.values(), *([found_ft] if found_ft else [])]:
         for need in ("configs/train.json", "configs/evaluate.json", "models/model.pt"):
             if not (bundle / need).is_file():
