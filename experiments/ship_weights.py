@@ -11,6 +11,7 @@ Usage::
 
     .venv/bin/python experiments/ship_weights.py edsr experiments/runs/shipped/edsr
     .venv/bin/python experiments/ship_weights.py unet experiments/runs/shipped/unet_ct --weights model_ct_denoise.pt
+    .venv/bin/python experiments/ship_weights.py cyclegan experiments/runs/shipped/cyclegan --with model_BA.pt
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> None:
     ap.add_argument("--cpu-seconds", type=float, default=None,
                     help="measured process CPU time of the run (default: wall time x threads)")
     ap.add_argument("--note", default="", help="a sentence on the budget or anything unusual (recorded)")
+    ap.add_argument("--with", dest="companions", nargs="*", default=[], metavar="FILE",
+                    help="more files of the same run's <run_dir>/models shipped beside the weights (e.g. CycleGAN's "
+                    "model_BA.pt); their sha256 is recorded in the sidecar")
     args = ap.parse_args()
 
     from mlflow.tracking import MlflowClient
@@ -66,6 +70,13 @@ def main() -> None:
     dest = bundle / "models" / args.weights
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
+    if args.companions:
+        import hashlib
+
+        training["companions"] = {}
+        for name in args.companions:
+            shutil.copyfile(args.run_dir / "models" / name, bundle / "models" / name)
+            training["companions"][name] = hashlib.sha256((bundle / "models" / name).read_bytes()).hexdigest()
     side = write_sidecar(dest, prov, training)
     print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB) with {side}; run {prov['run_id']}, "
           f"{training['cpu_minutes']} CPU-min")

@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(args.bundles, None if args.no_finetune else args.finetune, args.finetune_epochs,
                     args.finetune_slices, args.samples, infer=not args.no_inference, project=args.project_dir,
-                    bundles_dir=args.bundles_dir)
+                    bundles_dir=args.bundles_dir, eval_slices=args.eval_slices or None)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -87,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="fetch the sample scans, evaluate the shipped weights, fine-tune one bundle, print the comparison",
         description="The main job end to end: fetch the real sample scans, evaluate each bundle's shipped weights on "
-        "the held-out patients against the matched classical inverse (MR: k-space zero-fill, CT: cubic on the corner "
-        "grid), per subject and the mean over subjects; fine-tune one bundle briefly from its shipped weights "
+        "the held-out patients against the matched classical inverse (in-plane SR: k-space zero-fill for MR, cubic on "
+        "the corner grid for CT; through-plane: cubic + consistency; MRI reconstruction: zero-filled; CT denoising: "
+        "the low-dose input or the best classical filter), per subject and the mean over subjects; fine-tune one bundle briefly from its shipped weights "
         "(tracked in MLflow); super-resolve one whole held-out volume; print the table and where to look. Outputs "
         "go to <project>/experiments/runs/demo/.",
     )
-    demo.add_argument("--bundles", nargs="+", default=list(DEMO_BUNDLES),
-                      help="bundle names, found in the bundles folder; each must ship models/model.pt "
-                      "(default: %(default)s)")
+    demo.add_argument("--bundles", nargs="+", default=list(DEMO_BUNDLES), metavar="METHOD",
+                      help="methods to evaluate: " + ", ".join(DEMO_BUNDLES) + " (default: all; a method whose "
+                      "bundle ships no weights gets a 'not evaluated' row)")
+    demo.add_argument("--eval-slices", type=int, default=24, help="evenly spread slices per held-out volume in the "
+                      "2D evaluations; 0: every slice, as the bundles' own results tables (default: %(default)s)")
     demo.add_argument("--finetune", default="srcnn", help="bundle fine-tuned from its shipped weights "
                       "(default: %(default)s)")
     demo.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs (default: %(default)s)")

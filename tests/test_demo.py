@@ -56,3 +56,29 @@ def test_demo_table_and_files(sample_dir, tmp_path):
     src, out = nib.load(sample_dir / "nifti" / "brain2.nii.gz"), nib.load(demo / "inference" / "brain2_sr.nii.gz")
     assert out.shape == (src.shape[0] * 2, src.shape[1] * 2, src.shape[2])
     np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :2], axis=0), np.linalg.norm(src.affine[:3, :2], axis=0) / 2)
+
+
+def test_matched_baseline_is_the_best_classical_method_per_subject(tmp_path):
+    """With several classical baselines (CT denoising: the low-dose input and a tuned filter) each subject is
+    compared with whichever of them is best on it; a table without a group column (through-plane) takes the
+    method's modality; a method that was not evaluated gets a row saying why."""
+    from medsr_monai.demo import format_results_table, subject_gains
+
+    table = tmp_path / "slices.csv"
+    rows = [("p1", 0, "sr", 40.0), ("p1", 0, "lowdose", 34.0), ("p1", 0, "gaussian", 37.0),
+            ("p1", 1, "sr", 42.0), ("p1", 1, "lowdose", 36.0), ("p1", 1, "gaussian", 35.0),
+            ("p2", 0, "sr", 30.0), ("p2", 0, "lowdose", 31.0), ("p2", 0, "gaussian", 29.0)]
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject", "slice_index", "view", "method", "psnr", "ssim"])
+        for subject, i, method, psnr in rows:
+            w.writerow([subject, i, "native", method, psnr, 0.9])
+    res = subject_gains(table, "sr", ("lowdose", "gaussian"), modality="CT")
+    # p1: low-dose mean 35.0, Gaussian mean 36.0 -> Gaussian; p2: low-dose 31 beats Gaussian 29
+    assert (res["p1"]["baseline"], res["p1"]["baseline_psnr"], res["p1"]["gain_db"]) == ("gaussian", 36.0, 5.0)
+    assert (res["p2"]["baseline"], res["p2"]["gain_db"]) == ("lowdose", -1.0)
+    assert res["p1"]["modality"] == "CT" and res["p1"]["slices"] == 2
+    assert res["mean"]["gain_db"] == pytest.approx(2.0)
+    text = format_results_table({"unet_ct_denoise": res}, {"srgan": "bundle has no models/model.pt"})
+    assert "| unet_ct_denoise | CT denoising, 25 % dose | p1 | CT | 2 |" in text and "(gaussian) | 36.00 | 41.00 | +5.00" in text
+    assert "| srgan | x4 in-plane SR | not evaluated: bundle has no models/model.pt |" in text

@@ -24,8 +24,10 @@ SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
 #: tiny settings: 32x32 HR patches (8-pixel degradation margin, so the 48x48 crop fits the 64x64 slices)
 SRGAN_TINY = {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4, "val_slices_per_volume": 2,
               "pretrain_epochs": 1, "max_epochs": 2}
+# the tiny split has one training CT patient, so domain B comes from the validation patients here
 CYCLEGAN_TINY = {"patch_size": 32, "generator_features": 8, "generator_blocks": 2, "discriminator_features": 8,
-                 "pool_size": 3, "val_slices_per_volume": 2, "max_epochs": 2}
+                 "pool_size": 3, "val_slices_per_volume": 2, "max_epochs": 2,
+                 "domain_b_split": "validation", "epoch_length": 8}
 CYCLEGAN_NET = {k: CYCLEGAN_TINY[k] for k in ("generator_features", "generator_blocks")}
 
 
@@ -84,6 +86,25 @@ def test_adversarial_losses_reward_the_right_side(kind):
     # the generator's loss falls as its fakes are judged more real
     assert loss.generator(confident_real, torch.full((8, 1), 1.0)) < loss.generator(confident_real, confident_fake)
     assert math.isfinite(float(loss.generator(confident_real, confident_fake)))
+    # closed-form values at fixed logits (a wrong formula with the right monotonicity fails here)
+    r, f = [2.0, 1.0], [-1.0, 0.5]
+
+    def sp(x):  # softplus: -log(sigmoid(-x)), the BCE-with-logits of target 0
+        return math.log1p(math.exp(x))
+
+    def mean(v):
+        return sum(v) / len(v)
+
+    expected = {
+        "bce": (0.5 * (mean([sp(-x) for x in r]) + mean([sp(x) for x in f])), mean([sp(-x) for x in f])),
+        "lsgan": (0.5 * (mean([(x - 1) ** 2 for x in r]) + mean([x ** 2 for x in f])), mean([(x - 1) ** 2 for x in f])),
+        "hinge": (0.5 * (mean([max(0.0, 1 - x) for x in r]) + mean([max(0.0, 1 + x) for x in f])), -mean(f)),
+        "ragan": (0.5 * (mean([sp(-(x - mean(f))) for x in r]) + mean([sp(x - mean(r)) for x in f])),
+                  0.5 * (mean([sp(x - mean(f)) for x in r]) + mean([sp(-(x - mean(r))) for x in f]))),
+    }[kind]
+    real, fake = torch.tensor(r).view(2, 1), torch.tensor(f).view(2, 1)
+    assert float(loss.discriminator(real, fake)) == pytest.approx(expected[0], rel=1e-5)
+    assert float(loss.generator(real, fake)) == pytest.approx(expected[1], rel=1e-5)
 
 
 def test_adversarial_loss_rejects_unknown_kind():
@@ -193,6 +214,24 @@ def _parse(bundle: str, datalist: Path, tmp_path: Path, **overrides):
     return parser
 
 
+def test_default_domains_are_disjoint_training_ct_patients(sample_dir, tmp_path):
+    """With the shipped defaults, domain A (simulated low dose) and domain B (full dose) are two disjoint halves of
+    the training CT patients, and the paired validation is the validation CT patients: no patient is in two roles,
+    and none of them is a test patient."""
+    from medsr_monai.data.datalist import load_datalist
+
+    parser = _parse("cyclegan", sample_dir / "datalist.json", tmp_path)
+    subjects = {k: {it["subject"] for it in parser.get_parsed_content(f"{k}#datalist")}
+                for k in ("domain_a", "domain_b", "validate")}
+    split = {s: {it["subject"] for it in load_datalist(sample_dir, s) if it["modality"] == "CT"}
+             for s in ("training", "validation", "test")}
+    assert subjects["domain_a"] and subjects["domain_b"] and not subjects["domain_a"] & subjects["domain_b"]
+    assert subjects["domain_a"] | subjects["domain_b"] == split["training"]
+    assert abs(len(subjects["domain_a"]) - len(subjects["domain_b"])) <= 1
+    assert subjects["validate"] == split["validation"]
+    assert not (subjects["domain_a"] | subjects["domain_b"] | subjects["validate"]) & split["test"]
+
+
 def _params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.named_parameters()}
 
@@ -245,9 +284,13 @@ def test_cyclegan_iterations_update_all_four_networks(tiny_datalist, tmp_path):
     out = trainer.state.output
     for term, value in out["losses"].items():
         assert math.isfinite(value), (term, value)
-    assert {"g_adv_ab", "g_adv_ba", "cycle_a", "cycle_b", "identity_a", "identity_b", "d_a_loss",
-            "d_b_loss"} <= set(out["losses"])
+    assert {"g_adv_ab", "g_adv_ba", "cycle_a", "cycle_b", "identity_a", "identity_b", "content_a", "content_b",
+            "d_a_loss", "d_b_loss"} <= set(out["losses"])
     assert 0 < out["losses"]["cycle_a"] < 0.1  # residual generators start as the identity: small cycle error
+    # frequency separation (the default): the discriminators see the high-pass, which a flat image does not have
+    flat = torch.full((1, 1, 32, 32), 0.4)
+    assert trainer.lowpass is not None and float(trainer.discriminator_view(flat)[..., 8:-8, 8:-8].abs().max()) < 1e-4
+    assert float(trainer.discriminator_view(out["B"]).abs().mean()) > 0
     for k, n in nets.items():
         assert _changed(before[k], n) == 1.0, f"{k}: some weights did not move"
     # A (low-dose simulated lung1) and B (clean CT of other patients) are unpaired: different images
@@ -502,3 +545,38 @@ def test_gan_multi_gpu_config_with_torchrun_gloo(bundle, overrides, outputs, tin
         network_from_config(bundle, **net_overrides).load_state_dict(load_state(tmp_path / "models" / name))
     runs = runs_of(env["MLFLOW_TRACKING_URI"], bundle)
     assert [r.info.status for r in runs] == ["FINISHED"]  # one run: rank 0 tracks
+
+
+def test_best_weights_keep_both_generators_of_the_best_validated_epoch(tmp_path):
+    """BestWeights writes G_AB and G_BA together when the validation metric improves, never for the untrained
+    start (epoch 0), never for a worse or non-finite epoch, and remembers the best across a resume."""
+    from types import SimpleNamespace
+
+    from medsr_monai.workflows import BestWeights
+
+    g_ab, g_ba = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)
+    best = BestWeights({"model.pt": g_ab, "model_BA.pt": g_ba}, str(tmp_path), "val_psnr")
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=0, metrics={"val_psnr": 50.0}))
+
+    def validate(epoch: int, psnr: float, weight: float) -> None:
+        for net in (g_ab, g_ba):
+            torch.nn.init.constant_(net.weight, weight)
+        engine.state.epoch, engine.state.metrics = epoch, {"val_psnr": psnr}
+        best(engine)
+
+    def saved(name: str) -> float:
+        return float(torch.load(tmp_path / name, weights_only=True)["weight"].flatten()[0])
+
+    validate(0, 50.0, 0.0)  # the untrained start is never shipped
+    assert not (tmp_path / "model.pt").exists()
+    validate(1, 30.0, 1.0)
+    validate(2, 33.0, 2.0)
+    validate(3, 31.0, 3.0)
+    validate(4, float("nan"), 4.0)
+    assert saved("model.pt") == saved("model_BA.pt") == 2.0
+    assert json.loads((tmp_path / "best_metric.json").read_text()) == {"metric": "val_psnr", "value": 33.0, "epoch": 2}
+    resumed = BestWeights({"model.pt": g_ab, "model_BA.pt": g_ba}, str(tmp_path), "val_psnr")
+    resumed.attach(SimpleNamespace(add_event_handler=lambda *a: None))
+    engine.state.epoch, engine.state.metrics = 5, {"val_psnr": 32.0}
+    resumed(engine)
+    assert saved("model.pt") == 2.0 and resumed.best == 33.0

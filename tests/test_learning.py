@@ -97,7 +97,7 @@ def test_cyclegan_discriminators_learn_one_real_unpaired_batch(tiny_datalist, tm
     generators train against them (a swapped real/fake label or a flipped loss sign would not)."""
     parser = _parser("cyclegan", "train", tiny_datalist.parent, tmp_path,
                      {"patch_size": 32, "generator_features": 8, "generator_blocks": 2, "discriminator_features": 8,
-                      "batch_size": 4, "seed": 0})
+                      "batch_size": 4, "seed": 0, "domain_b_split": "validation"})
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")
     batch = next(iter(parser.get_parsed_content("train#dataloader")))

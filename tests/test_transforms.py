@@ -328,9 +328,7 @@ def test_low_dose_ct_noise_grows_as_dose_falls():
         assert abs(means[dose]) < 0.2 * stds[dose]  # mean error near 0 in water
 
 
-def test_low_dose_ct_3d_pixel_size_from_affine_and_speed():
-    import time
-
+def test_low_dose_ct_3d_pixel_size_from_affine():
     hu2d, roi = water_phantom(64, 25)
     affine = torch.diag(torch.tensor([0.5, 0.5, 3.0, 1.0], dtype=torch.float64))
     vol = MetaTensor(torch.tensor(np.stack([hu2d[0]] * 2, -1)[None], dtype=torch.float32), affine=affine)
@@ -343,10 +341,9 @@ def test_low_dose_ct_3d_pixel_size_from_affine_and_speed():
     rect = np.full((1, 48, 64), 0.0)
     noise = LowDoseCTNoise(0.25).set_random_state(0)(rect) - rect
     assert noise.shape == rect.shape and 0 < noise.std() and abs(noise.mean()) < 0.2 * noise.std()
-    t = LowDoseCTNoise(0.25).set_random_state(0)
-    start = time.perf_counter()
-    t(np.zeros((1, 256, 256)) - 1000.0)
-    assert time.perf_counter() - start < 2.0  # < 1 s on a quiet machine
+    # a uniform air slice stays air plus noise (no ring or offset from the projection round trip)
+    air = LowDoseCTNoise(0.25).set_random_state(0)(np.zeros((1, 256, 256)) - 1000.0)
+    assert air.shape == (1, 256, 256) and np.isfinite(air).all() and abs(float(np.median(air)) + 1000.0) < 50.0
 
 
 # ------------------------------------------------------------------------------------------------------- intensity

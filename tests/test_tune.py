@@ -24,6 +24,7 @@ GOOD_A = {"batch_size": 4, "optimizer": "Adam", "learning_rate": 3e-4, "lr_sched
 GOOD_B = {"batch_size": 4, "optimizer": "Adam", "learning_rate": 1e-3, "lr_schedule": "cosine"}
 BAD = {"batch_size": 4, "optimizer": "Adam", "learning_rate": 0.5, "lr_schedule": "cosine"}  # diverges: pruned
 RAISES = {"batch_size": 4, "optimizer": "Adam", "learning_rate": 3e-4, "lr_schedule": "bogus"}  # bundle raises
+RAISES_TOO = {**RAISES, "learning_rate": 1e-3}  # a second trial the bundle refuses: the fifth outcome is certain
 
 
 def tiny_space(tmp: Path, **changes) -> Path:
@@ -328,16 +329,16 @@ def test_study_resumes_prunes_survives_a_crash_and_writes_a_usable_best_override
 
     # the same command again, with one more enqueued trial that makes the bundle raise, continues to 5 trials
     second = run(tune_cmd(tmp_path, tiny_datalist, "s", 5, "--no-default-trial", *enq,
-                          "--enqueue", json.dumps(RAISES)), env, timeout=600)
+                          "--enqueue", json.dumps(RAISES), "--enqueue", json.dumps(RAISES_TOO)), env, timeout=600)
     assert second.returncode == 0, tail(second.stdout)
     assert "resumed, 3 of 5 trials done" in second.stdout
     st = load(tmp_path, "s")
     assert len(st.trials) == 5 and st.trials[3].params == RAISES, "enqueued trials already run are not repeated"
     assert st.trials[3].state.name == "FAIL" and "bogus" in st.trials[3].user_attrs["error"]
-    assert st.trials[4].state.name in ("COMPLETE", "PRUNED", "FAIL")
+    assert st.trials[4].params == RAISES_TOO and st.trials[4].state.name == "FAIL"
 
     st, parent, trial_runs = assert_runs_match_trials(uri, "s", tmp_path)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["n_fail"] >= 1
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_fail"] == 2
     for t, r in zip(st.trials, trial_runs):
         history = mlflow_client(uri).get_metric_history(r.info.run_id, "val_psnr")
         expected = {"COMPLETE": 2, "PRUNED": len(t.intermediate_values), "FAIL": 0}[t.state.name]

@@ -133,6 +133,35 @@ def test_seeded_low_dose_simulation_is_fixed_per_slice_and_cached(tiny_datalist,
     assert np.allclose(np.asarray(a.affine), np.asarray(img.affine))
 
 
+def test_low_dose_simulation_of_a_few_slices_equals_the_full_one_and_is_what_gets_sliced(tiny_datalist, tmp_path):
+    """``max_slices`` simulates evenly spread slices only, each exactly as the full simulation does (per-slice seeds),
+    and leaves the rest NaN, which ``volume_slices`` never keeps: an evaluation on a few slices per volume gets the
+    same low-dose inputs without simulating every slice."""
+    from monai.transforms import LoadImaged
+
+    from medsr_monai.data import volume_slices
+
+    item = {"image": str(tiny_datalist.parent / "nifti" / "lung2.nii.gz"), "subject": "lung2"}
+    img = LoadImaged("image", ensure_channel_first=True, image_only=True)(item)["image"][..., :5]
+    full = np.asarray(SeededLowDoseCTNoised("image", seed=1)({"image": img.clone(), "subject": "lung2"})["image"])
+    few = np.asarray(SeededLowDoseCTNoised("image", seed=1, max_slices=3)({"image": img.clone(),
+                                                                          "subject": "lung2"})["image"])
+    assert [k for k in range(5) if np.isfinite(few[..., k]).all()] == [0, 2, 4]
+    assert np.isnan(few[..., 1]).all() and np.isnan(few[..., 3]).all()
+    np.testing.assert_allclose(few[..., [0, 2, 4]], full[..., [0, 2, 4]])
+
+    def load(d):
+        d = dict(d, image=img.clone(), lowdose=img.clone())
+        return SeededLowDoseCTNoised("lowdose", seed=1, max_slices=3)(d)
+
+    kept = volume_slices([item], load, extra_keys=["lowdose"], min_foreground=0.0, foreground_threshold=-2000,
+                         check=False, progress=False)
+    assert [s["slice_index"] for s in kept] == [0, 2, 4]
+    np.testing.assert_allclose(np.asarray(kept[1]["lowdose"]), full[..., 2])
+    with pytest.raises(ValueError, match="max_slices"):
+        SeededLowDoseCTNoised("image", max_slices=0)
+
+
 # ----------------------------------------------------------------------------------------------- network
 def test_residual_unet_is_identity_at_start_any_size_and_scriptable():
     torch.manual_seed(0)

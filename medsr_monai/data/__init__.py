@@ -42,6 +42,6 @@ from .slices import slice_axis, slice_axis_from_spacing, volume_slices  # noqa: 
 
 __all__ += ["slice_axis", "slice_axis_from_spacing", "volume_slices"]
 
-from .domains import domain_items, select_items  # noqa: E402
+from .domains import domain_items, select_items, subject_part  # noqa: E402
 
-__all__ += ["domain_items", "select_items"]
+__all__ += ["domain_items", "select_items", "subject_part"]

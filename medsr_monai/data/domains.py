@@ -9,7 +9,7 @@ from typing import Any
 
 from .datalist import DatalistError, load_datalist, read_datalist_json
 
-__all__ = ["select_items", "domain_items"]
+__all__ = ["select_items", "domain_items", "subject_part"]
 
 
 def select_items(items: Sequence[dict[str, Any]], modality: str | None = None,
@@ -32,6 +32,36 @@ def select_items(items: Sequence[dict[str, Any]], modality: str | None = None,
         have = sorted({f"{it.get('subject')} ({it.get('modality')})" for it in items})
         raise DatalistError(f"{what}: no volume with modality={modality}, subjects={subjects}, "
                             f"excluding {list(exclude_subjects)}; available: {have}")
+    return out
+
+
+def subject_part(items: Sequence[dict[str, Any]], part: int, parts: int = 2,
+                 what: str = "selection") -> list[dict[str, Any]]:
+    """The items of every ``parts``-th subject, starting at ``part`` in sorted subject order.
+
+    CycleGAN learns from unpaired domains; drawing domain A (simulated low dose) and domain B (full dose) from
+    disjoint halves of the training patients keeps the two domains unpaired in fact, not only in sampling,
+    and leaves the validation and test patients out of both. Raises
+    :class:`~medsr_monai.data.DatalistError` (naming ``what``) when the part is empty.
+
+    Args:
+        items: datalist items with a ``subject`` key.
+        part: which part, ``0 <= part < parts``.
+        parts: how many disjoint parts the subjects are dealt into.
+        what: what the selection is for, named in the error.
+
+    Example:
+        >>> items = [{"subject": s} for s in ("c", "a", "b")]
+        >>> [it["subject"] for it in subject_part(items, 0)], [it["subject"] for it in subject_part(items, 1)]
+        (['c', 'a'], ['b'])
+    """
+    if not 0 <= int(part) < int(parts):
+        raise ValueError(f"{what}: part must be in [0, {parts}), got {part}")
+    subjects = sorted({str(it.get("subject")) for it in items})
+    keep = set(subjects[int(part)::int(parts)])
+    out = [dict(it) for it in items if str(it.get("subject")) in keep]
+    if not out:
+        raise DatalistError(f"{what}: part {part} of {parts} is empty; {len(subjects)} subject(s): {subjects}")
     return out
 
 

@@ -88,7 +88,8 @@ def volume_slices(
             as a 3D volume (one singleton axis, e.g. ``(512, 512, 1)``) is accepted.
         extra_keys: further volume keys of the transformed item with the same shape as ``key`` (e.g. a
             low-dose copy made by ``volume_transform``), cut into the same slices and stored under their own
-            names; foreground and slice selection come from ``key`` alone.
+            names; foreground and slice selection come from ``key``, and a slice with NaN/Inf in an extra key
+            (one the extra's transform did not compute) is not kept.
         all_axes_max_ratio: cut a near-isotropic volume (coarsest / finest spacing <= this, e.g. 1.5) along all
             three axes (axial, coronal and sagittal slices: three times the training images from one scan, and
             in-plane structure in every orientation); ``None``: only along the slice axis.
@@ -141,7 +142,11 @@ def _cut(vol, d, item, key, out_key, axis, spacing, crop_multiple, extra_keys, f
         extras[ek] = torch.as_tensor(np.asarray(d[ek]), dtype=torch.float32).movedim(axis + 1, -1)[:, :h, :w]
     fg = arr > foreground_threshold
     frac = fg.flatten(0, 2).float().mean(0)
-    keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground]
+    # an extra key may leave slices it did not compute as NaN (e.g. a low-dose simulation of a few slices)
+    finite = torch.ones(arr.shape[-1], dtype=torch.bool)
+    for ev in extras.values():
+        finite &= torch.isfinite(ev).flatten(0, 2).all(0)
+    keep = [k for k in range(0, arr.shape[-1], stride) if frac[k] >= min_foreground and finite[k]]
     if max_slices_per_volume and len(keep) > max_slices_per_volume:
         keep = [keep[i] for i in np.linspace(0, len(keep) - 1, max_slices_per_volume).round().astype(int)]
     return [{

@@ -20,11 +20,13 @@ class AdversarialLoss(torch.nn.Module):
     * ``ragan``: relativistic average BCE (Jolicoeur-Martineau 2018; used by ESRGAN), where each side is
       judged against the mean of the other, so the generator also gets gradient from the real images.
 
-    ``lsgan`` and ``hinge`` are MONAI's :class:`~monai.losses.PatchAdversarialLoss` (``lsgan`` without MONAI's
-    optional leaky-ReLU, i.e. the published LSGAN). ``bce`` and ``ragan`` are computed here from logits with
-    ``binary_cross_entropy_with_logits``: MONAI's BCE applies a sigmoid and then ``BCELoss``, which saturates
-    (log clamped at -100) and raises on a NaN input instead of letting the non-finite-loss check name it; MONAI
-    has no relativistic form.
+    ``lsgan`` is MONAI's :class:`~monai.losses.PatchAdversarialLoss` without its optional leaky-ReLU, i.e. the
+    published LSGAN. ``hinge`` is computed here (``relu(1 - real) + relu(1 + fake)``, generator ``-fake``):
+    MONAI's hinge always passes the logits through a LeakyReLU(0.05) first, so a confidently rejected fake
+    (logit -1) still costs the discriminator 0.95 instead of 0 (measured with closed-form values in the tests).
+    ``bce`` and ``ragan`` are computed here from logits with ``binary_cross_entropy_with_logits``: MONAI's BCE
+    applies a sigmoid and then ``BCELoss``, which saturates (log clamped at -100) and raises on a NaN input
+    instead of letting the non-finite-loss check name it; MONAI has no relativistic form.
 
     Args:
         kind: one of :data:`ADVERSARIAL_KINDS`.
@@ -42,9 +44,8 @@ class AdversarialLoss(torch.nn.Module):
         if kind not in ADVERSARIAL_KINDS:
             raise ValueError(f"adversarial loss {kind!r} is not supported; choose one of {ADVERSARIAL_KINDS}")
         self.kind = kind
-        if kind in ("lsgan", "hinge"):
-            criterion = {"lsgan": "least_squares", "hinge": "hinge"}[kind]
-            self.patch_loss = PatchAdversarialLoss(criterion=criterion, no_activation_leastsq=True)
+        if kind == "lsgan":
+            self.patch_loss = PatchAdversarialLoss(criterion="least_squares", no_activation_leastsq=True)
 
     def discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """Loss of the discriminator: ``real`` logits should say real, ``fake`` (detached) logits fake."""
@@ -52,6 +53,8 @@ class AdversarialLoss(torch.nn.Module):
             return 0.5 * (_bce(real - fake.mean(), True) + _bce(fake - real.mean(), False))
         if self.kind == "bce":
             return 0.5 * (_bce(real, True) + _bce(fake, False))
+        if self.kind == "hinge":
+            return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return 0.5 * (self.patch_loss(real, target_is_real=True, for_discriminator=True)
                       + self.patch_loss(fake, target_is_real=False, for_discriminator=True))
 
@@ -63,6 +66,8 @@ class AdversarialLoss(torch.nn.Module):
             return 0.5 * (_bce(real - fake.mean(), False) + _bce(fake - real.mean(), True))
         if self.kind == "bce":
             return _bce(fake, True)  # non-saturating generator loss
+        if self.kind == "hinge":
+            return -fake.mean()
         return self.patch_loss(fake, target_is_real=True, for_discriminator=False)
 
     @torch.no_grad()

@@ -37,12 +37,24 @@ class SeededLowDoseCTNoised(MapTransform):
         seed: base seed; slice ``k`` of subject ``s`` uses ``seed``, ``crc32(s)`` and ``k``.
         id_key: item field naming the subject (falls back to the image file name).
         cache_dir: folder for cached noisy volumes (``None``: no disk cache, simulate every time).
+        max_slices: simulate only this many slices, evenly spread along the slice axis, and set the others to NaN
+            (``None``: every slice). Each simulated slice is exactly what the full simulation gives it (the seed is
+            per slice), and :func:`~medsr_monai.data.volume_slices` never keeps a slice with NaN in an extra key;
+            so an evaluation on a few slices per volume does not pay seconds for every slice of a 500-slice CT.
+
+    Example:
+        >>> t = SeededLowDoseCTNoised("lowdose", seed=1, max_slices=2)
+        >>> t.max_slices
+        2
     """
 
     def __init__(self, keys: KeysCollection, dose_fraction: float = 0.25, incident_photons: float = 1e6,
                  seed: int = 0, id_key: str = "subject", cache_dir: str | os.PathLike | None = None,
-                 allow_missing_keys: bool = False):
+                 max_slices: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
+        if max_slices is not None and int(max_slices) < 1:
+            raise ValueError(f"max_slices must be >= 1 or None, got {max_slices}")
+        self.max_slices = int(max_slices) if max_slices is not None else None
         self.noise = LowDoseCTNoise(dose_fraction, incident_photons, spatial_dims=2)
         self.seed, self.id_key = int(seed), id_key
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -55,6 +67,8 @@ class SeededLowDoseCTNoised(MapTransform):
         pixel = float(np.mean([s for i, s in enumerate(spacing) if i != axis]))
         params = {"dose_fraction": self.noise.dose_fraction, "incident_photons": self.noise.incident_photons,
                   "seed": self.seed, "id": ident, "pixel": round(pixel, 6), "axis": axis, "v": 1}
+        if self.max_slices is not None:
+            params["max_slices"] = self.max_slices
         path = None
         if self.cache_dir is not None:
             h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
@@ -64,10 +78,13 @@ class SeededLowDoseCTNoised(MapTransform):
             if path.is_file():
                 return np.load(path)
         sl = np.moveaxis(x.astype(np.float64), axis + 1, 0)  # (S, C, h, w)
-        out = np.empty_like(sl)
+        out = np.full_like(sl, np.nan)
         sub = zlib.crc32(ident.encode())
         self.noise.pixel_size_mm = pixel
-        for k in range(sl.shape[0]):
+        which = range(sl.shape[0])
+        if self.max_slices is not None and self.max_slices < sl.shape[0]:
+            which = sorted(set(np.linspace(0, sl.shape[0] - 1, self.max_slices).round().astype(int).tolist()))
+        for k in which:
             self.noise.set_random_state(seed=int(np.random.SeedSequence([self.seed, sub, k]).generate_state(1)[0]))
             out[k] = self.noise(sl[k])
         out = np.moveaxis(out, 0, axis + 1).astype(np.float32)

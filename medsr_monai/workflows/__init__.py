@@ -5,6 +5,7 @@ from .gan import (
     CycleGANTrainer,
     CycleGridHandler,
     ImagePool,
+    BestWeights,
     LatestWeights,
     SRGANCheckpoints,
     SRGANTrainer,
@@ -45,7 +46,7 @@ from .through_plane import (
 __all__ = [
     "restoration_channels", "restoration_physics",
     "RANK0_ONLY_HANDLERS", "ValidateAtStart", "handler_list", "process_rank", "rank_handlers",
-    "AuxiliaryPrediction", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
+    "AuxiliaryPrediction", "BestWeights", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
     "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "TrainTimeLimit", "sr_items",
     "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs",

@@ -15,7 +15,9 @@ as a float (:func:`loss_terms` hands them to MLflow and to the non-finite-loss c
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,49 @@ class LatestWeights:
                 save_weights(net, self.ckpt_dir / name)
 
 
+class BestWeights(LatestWeights):
+    """Write each network's state dict to its own file whenever the validation ``metric`` improves (rank 0);
+    attach it to the evaluator. For CycleGAN with paired validation (simulated low dose on the validation
+    patients): the adversarial game oscillates, so the last epoch is often not the best one; this keeps
+    ``model.pt`` (G_AB) and ``model_BA.pt`` (G_BA) of the same, best epoch. MONAI's ``CheckpointSaver`` would put
+    both generators in one file, whereas inference loads one.
+
+    The start-of-training validation (epoch 0, the untrained generator) is never kept: shipped weights are
+    learned ones. The best value and its epoch go to ``<ckpt_dir>/best_metric.json``, read back on resume so a
+    resumed run does not overwrite a better epoch.
+
+    Args:
+        networks: ``{filename: network}``.
+        ckpt_dir: folder of the files.
+        metric: the evaluator's metric to maximise.
+    """
+
+    def __init__(self, networks: dict[str, torch.nn.Module], ckpt_dir: str, metric: str = "val_psnr") -> None:
+        super().__init__(networks, ckpt_dir)
+        self.metric, self.best, self.best_epoch = metric, float("-inf"), None
+
+    @property
+    def record(self) -> Path:
+        return self.ckpt_dir / "best_metric.json"
+
+    def attach(self, engine: Engine) -> None:
+        if self.record.is_file():
+            saved = json.loads(self.record.read_text())
+            if saved.get("metric") == self.metric:
+                self.best, self.best_epoch = float(saved["value"]), saved.get("epoch")
+        super().attach(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.metric)
+        if engine.state.epoch < 1 or value is None or not math.isfinite(float(value)) or float(value) <= self.best:
+            return
+        self.best, self.best_epoch = float(value), int(engine.state.epoch)
+        super().__call__(engine)
+        if _rank() == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps({"metric": self.metric, "value": self.best, "epoch": self.best_epoch}))
+
+
 class AuxiliaryPrediction:
     """Run a second network on each evaluation batch and store its output as a baseline key (e.g. the
     pixel-loss SRResNet beside SRGAN), so that :class:`SRMetricsHandler` scores both on the same slices.
@@ -357,6 +402,14 @@ class CycleGANTrainer(Trainer):
         seed: seed of the image pools.
         pool_a, pool_b: the fake-image pools of domains A and B (created from ``pool_size`` and ``seed`` when
             not given; give them to checkpoint them with the rest of the training state).
+        frequency_sigma: frequency separation (Fritsche et al., ICCVW 2019), off when 0. With a sigma (pixels)
+            the discriminators see only the high-pass ``x - G_sigma * x`` of real and fake images, and a content
+            loss ``content_weight * (|G_s(G_AB(a)) - G_s(a)|_1 + |G_s(G_BA(b)) - G_s(b)|_1)`` ties each output's
+            low-pass to its input's. For denoising between patients this is the point: dose noise is high
+            frequency and zero-mean, while what differs between the two domains' patients (anatomy, contrast,
+            body size) is mostly low frequency; so the adversarial game is about noise texture only, and the
+            generators cannot pay for realism by changing anatomy (what the plain losses did on the sample CTs).
+        content_weight: weight of the low-pass content loss (used with ``frequency_sigma``).
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader, g_ab: torch.nn.Module,
@@ -365,10 +418,19 @@ class CycleGANTrainer(Trainer):
                  adversarial_loss: str = "lsgan", cycle_weight: float = 10.0, identity_weight: float = 0.5,
                  pool_size: int = 50, seed: int = 0, pool_a: ImagePool | None = None, pool_b: ImagePool | None = None,
                  epoch_length: int | None = None, non_blocking: bool = False,
-                 train_handlers: Sequence | None = None) -> None:
+                 train_handlers: Sequence | None = None, frequency_sigma: float = 0.0,
+                 content_weight: float = 10.0) -> None:
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers,
                          decollate=False)
+        if frequency_sigma < 0 or content_weight < 0:
+            raise ValueError(f"frequency_sigma and content_weight must be >= 0, got {frequency_sigma}, {content_weight}")
+        self.lowpass = None
+        if frequency_sigma > 0:
+            from monai.networks.layers import GaussianFilter
+
+            self.lowpass = GaussianFilter(2, float(frequency_sigma)).to(device)
+        self.content_weight = float(content_weight)
         self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
         self.network = g_ab
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
@@ -378,6 +440,10 @@ class CycleGANTrainer(Trainer):
         self.pool_a = pool_a if pool_a is not None else ImagePool(pool_size, seed)
         self.pool_b = pool_b if pool_b is not None else ImagePool(pool_size, seed + 1)
         self.l1 = torch.nn.L1Loss()
+
+    def discriminator_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What the discriminators see: the image, or its high-pass with frequency separation."""
+        return x if self.lowpass is None else x - self.lowpass(x)
 
     def _iteration(self, engine: CycleGANTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
@@ -396,11 +462,17 @@ class CycleGANTrainer(Trainer):
         engine.g_optimizer.zero_grad(set_to_none=True)
         fake_b, fake_a = engine.g_ab(real_a), engine.g_ba(real_b)
         rec_a, rec_b = engine.g_ba(fake_b), engine.g_ab(fake_a)
-        g_adv_ab = adv.generator(None, engine.d_b(fake_b))
-        g_adv_ba = adv.generator(None, engine.d_a(fake_a))
+        seen = engine.discriminator_view
+        g_adv_ab = adv.generator(None, engine.d_b(seen(fake_b)))
+        g_adv_ba = adv.generator(None, engine.d_a(seen(fake_a)))
         cyc_a, cyc_b = l1(rec_a, real_a), l1(rec_b, real_b)
         g_loss = g_adv_ab + g_adv_ba + engine.cycle_weight * (cyc_a + cyc_b)
         terms: dict[str, Any] = {"g_adv_ab": g_adv_ab, "g_adv_ba": g_adv_ba, "cycle_a": cyc_a, "cycle_b": cyc_b}
+        if engine.lowpass is not None and engine.content_weight > 0:
+            lp = engine.lowpass
+            content_a, content_b = l1(lp(fake_b), lp(real_a)), l1(lp(fake_a), lp(real_b))
+            g_loss = g_loss + engine.content_weight * (content_a + content_b)
+            terms.update(content_a=content_a, content_b=content_b)
         if engine.identity_weight > 0:
             idt_b, idt_a = l1(engine.g_ab(real_b), real_b), l1(engine.g_ba(real_a), real_a)
             g_loss = g_loss + engine.cycle_weight * engine.identity_weight * (idt_a + idt_b)
@@ -413,8 +485,8 @@ class CycleGANTrainer(Trainer):
         engine.d_b.requires_grad_(True)
         engine.d_optimizer.zero_grad(set_to_none=True)
         pooled_b, pooled_a = engine.pool_b.query(fake_b.detach()), engine.pool_a.query(fake_a.detach())
-        real_b_logits, fake_b_logits = engine.d_b(real_b), engine.d_b(pooled_b)
-        real_a_logits, fake_a_logits = engine.d_a(real_a), engine.d_a(pooled_a)
+        real_b_logits, fake_b_logits = engine.d_b(seen(real_b)), engine.d_b(seen(pooled_b))
+        real_a_logits, fake_a_logits = engine.d_a(seen(real_a)), engine.d_a(seen(pooled_a))
         d_b_loss = adv.discriminator(real_b_logits, fake_b_logits)
         d_a_loss = adv.discriminator(real_a_logits, fake_a_logits)
         (d_a_loss + d_b_loss).backward()
