@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The main job end to end: fetch the real sample scans, evaluate each bundle's shipped weights on "
         "the held-out patients against the matched classical inverse (in-plane SR: k-space zero-fill for MR, cubic on "
         "the corner grid for CT; through-plane: cubic + consistency; MRI reconstruction: zero-filled; CT denoising: "
-        "the low-dose input or the best classical filter), per subject and the mean over subjects; fine-tune one bundle briefly from its shipped weights "
+        "the best of the low-dose input and the classical filters), per subject and the mean over subjects; fine-tune one bundle briefly from its shipped weights "
         "(tracked in MLflow); super-resolve one whole held-out volume; print the table and where to look. Outputs "
         "go to <project>/experiments/runs/demo/.",
     )

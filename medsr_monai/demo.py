@@ -38,6 +38,7 @@ class DemoMethod:
         modality: the modality for rows whose per-slice table has no ``group`` column (through-plane).
         sliced: whether the evaluation takes ``eval_slices_per_volume`` (2D evaluations; through-plane evaluates
             whole volumes).
+        overrides: further config overrides of the evaluation; ``{demo}`` in a value is the demo's output folder.
     """
 
     bundle: str
@@ -48,6 +49,7 @@ class DemoMethod:
     weights: str = "models/model.pt"
     modality: str = ""
     sliced: bool = True
+    overrides: tuple[tuple[str, object], ...] = ()
 
 
 _IN_PLANE = "MR: k-space zero-fill, CT: cubic (corner grid)"
@@ -59,10 +61,13 @@ DEMO_METHODS = {
     "seqsr_lstm": DemoMethod("seqsr_lstm", "x2 through-plane SR", ("cubic_dc",),
                              "cubic + slice-profile consistency", modality="MR", sliced=False),
     "unet": DemoMethod("unet", "4x MRI reconstruction", ("zerofill",), "zero-filled reconstruction"),
-    "unet_ct_denoise": DemoMethod("unet", "CT denoising, 25 % dose", ("lowdose", "gaussian"),
-                                  "best of low-dose input and Gaussian (sigma tuned on validation)",
-                                  train_config="train_ct_denoise.json", weights="models/model_ct_denoise.pt"),
-    "cyclegan": DemoMethod("cyclegan", "unpaired CT denoising, 25 % dose", ("lowdose",), "the low-dose input"),
+    # the two CT denoisers see the same simulated low-dose slices (same per-slice seeds): one shared cache
+    "unet_ct_denoise": DemoMethod("unet", "CT denoising, 25 % dose", ("lowdose", "gaussian", "nlm"),
+                                  "best of low-dose input, Gaussian (sigma tuned on validation), non-local means",
+                                  train_config="train_ct_denoise.json", weights="models/model_ct_denoise.pt",
+                                  overrides=(("lowdose_cache_dir", "{demo}/lowdose_cache"),)),
+    "cyclegan": DemoMethod("cyclegan", "unpaired CT denoising, 25 % dose", ("lowdose",), "the low-dose input",
+                           overrides=(("eval_low_dose#1#cache_dir", "{demo}/lowdose_cache"),)),
 }
 #: the methods the demo evaluates by default: all of them (those without shipped weights are listed as skipped)
 DEMO_BUNDLES = tuple(DEMO_METHODS)
@@ -213,6 +218,7 @@ def run_demo(bundles: list[str] | tuple[str, ...] = DEMO_BUNDLES, finetune: str 
         overrides: dict[str, object] = {"dataset_dir": samples, "output_dir": out, "ckpt_path": bundle / spec.weights}
         if spec.sliced and eval_slices:
             overrides["eval_slices_per_volume"] = int(eval_slices)
+        overrides.update({k: v.format(demo=logs) if isinstance(v, str) else v for k, v in spec.overrides})
         _run(_bundle_cmd(bundle, [spec.train_config, "evaluate.json"], overrides), logs / f"{name}_evaluate.log",
              f"evaluate {name}'s shipped weights ({spec.task or 'in-plane SR'}) on the held-out patients")
         results[name] = subject_gains(out / "evaluation" / "slices.csv", "sr", spec.baselines, spec.modality)

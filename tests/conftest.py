@@ -83,16 +83,18 @@ def trained_bundle(tiny_datalist, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def seq_data(sample_dir, tmp_path_factory) -> Path:
-    """The through-plane bundle's data: 48x48x48 centre crops (affines kept) of the real MNI152 (training) and
-    pydeface mean head (held out), in a datalist like every other bundle's; returns the folder."""
+    """The through-plane bundle's data: 48x48x48 centre crops (affines kept) of the real MNI152 (training), the
+    pydeface mean head (validation) and the ROBEX T1 patient (test), in a datalist like every other bundle's;
+    returns the folder."""
     import json
 
     from helpers import crop_nifti
 
     root = tmp_path_factory.mktemp("seqsr_data")
-    for name in ("mni152", "pydeface_mean"):
+    for name in ("mni152", "pydeface_mean", "robex_t1"):
         crop_nifti(sample_dir / "nifti" / f"{name}.nii.gz", root / f"{name}.nii.gz", (48, 48, 48))
     (root / "datalist.json").write_text(json.dumps({
         "training": [{"image": "mni152.nii.gz", "subject": "mni152", "modality": "MR"}],
-        "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}]}))
+        "validation": [{"image": "pydeface_mean.nii.gz", "subject": "pydeface_mean", "modality": "MR"}],
+        "test": [{"image": "robex_t1.nii.gz", "subject": "robex_t1", "modality": "MR"}]}))
     return root

@@ -5,6 +5,7 @@ bundle tools, resume after SIGKILL and two-process (gloo) training."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -225,6 +226,9 @@ def test_evaluate_cli_table(trained, seq_data):
     # the matched baseline: cubic + slice-thickness consistency beats cubic on a real head
     assert metrics["test_cubic_dc_psnr"] > metrics["test_cubic_psnr"]
     assert f"{metrics['test_reformat_a_cubic_psnr']:.2f}" in rows[1]
+    # evaluation is on the held-out test patient, with a per-slice table the demo reads
+    slices = list(csv.DictReader(open(eval_dir / "slices.csv")))
+    assert {r["subject"] for r in slices} == {"robex_t1"} and {"sr", "cubic_dc"} <= {r["method"] for r in slices}
     runs = runs_of(env["MLFLOW_TRACKING_URI"], BUNDLE)
     evals = [r for r in runs if r.info.run_name.startswith(f"{BUNDLE}-eval")]
     assert len(evals) == 1 and evals[0].info.status == "FINISHED"

@@ -18,13 +18,14 @@ __all__ = ["sha256", "find_provenance", "run_provenance", "sidecar_path", "read_
 SIDECAR_SUFFIX = ".provenance.json"
 
 
-def _model_artifact_sha(client, run_id: str, tmp: str, size: int | None = None) -> str | None:
-    """sha256 of the run's ``model.pt`` artifact; ``None`` when it has none (or, given ``size``, when its size
-    differs: no download needed to rule it out)."""
+def _model_artifact_sha(client, run_id: str, tmp: str, size: int | None = None, name: str = "model.pt"
+                        ) -> str | None:
+    """sha256 of the run's weights artifact ``name`` (``model.pt``, or a task's ``model_<task>.pt``); ``None``
+    when it has none (or, given ``size``, when its size differs: no download needed to rule it out)."""
     sizes = {a.path: a.file_size for a in client.list_artifacts(run_id)}
-    if "model.pt" not in sizes or (size is not None and sizes["model.pt"] not in (None, size)):
+    if name not in sizes or (size is not None and sizes[name] not in (None, size)):
         return None
-    return sha256(client.download_artifacts(run_id, "model.pt", tempfile.mkdtemp(dir=tmp)))
+    return sha256(client.download_artifacts(run_id, name, tempfile.mkdtemp(dir=tmp)))
 
 
 def run_provenance(client, run, uri: str) -> dict:
@@ -68,7 +69,7 @@ def find_provenance(model: Path, experiment: str, uri: str, run_id: str | None =
                 run = client.get_run(run_id)
             except MlflowException as e:
                 raise PublishError(f"--run-id {run_id}: no such run in {uri}: {e.message}") from e
-            found = _model_artifact_sha(client, run_id, tmp)
+            found = _model_artifact_sha(client, run_id, tmp, name=Path(model).name)
             if found is not None and found != digest:
                 raise PublishError(f"--run-id {run_id}: its model.pt artifact (sha256 {found[:12]}) is not {model} "
                                    f"(sha256 {digest[:12]})")
@@ -79,7 +80,7 @@ def find_provenance(model: Path, experiment: str, uri: str, run_id: str | None =
         runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1000)
         for run in runs:
-            if _model_artifact_sha(client, run.info.run_id, tmp, model.stat().st_size) == digest:
+            if _model_artifact_sha(client, run.info.run_id, tmp, model.stat().st_size, Path(model).name) == digest:
                 return run_provenance(client, run, uri)
     return None
 
