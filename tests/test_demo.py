@@ -40,7 +40,7 @@ def test_demo_table_and_files(sample_dir, tmp_path):
     assert results["mean"]["gain_db"] == pytest.approx(
         statistics.mean(results[s]["gain_db"] for s in ("brain2", "robex_t1", "lung2", "cerr_lung4")))
     printed = proc.stdout[proc.stdout.index("=== Shipped weights"):]
-    assert "| srcnn | **mean over subjects** | all | " in printed
+    assert "| srcnn | x2 in-plane SR | **mean over subjects** | all | " in printed
     assert f"{results['mean']['gain_db']:+.2f}" in printed and (demo / "results.md").read_text().strip() in printed
     # the shipped weights beat the matched baseline on the held-out patients (the point of shipping them)
     assert results["mean"]["gain_db"] > 0

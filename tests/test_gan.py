@@ -416,7 +416,9 @@ def test_cyclegan_bundle_train_evaluate_infer_both_directions(tiny_datalist, tmp
     assert r.info.status == "FINISHED"
     p = r.data.params
     assert (p["cycle_weight"], p["identity_weight"], p["adversarial_loss"], p["lr_schedule"]) == \
-        ("10.0", "0.5", "lsgan", "linear_decay")
+        ("1.0", "1.0", "lsgan", "linear_decay")
+    assert p["frequency_separation"] == "sigma 1.5 px, content weight 100.0"
+    assert p["checkpoint"].startswith("best val_psnr") and (models / "best_metric.json").is_file()
     # unpaired by construction: no patient is in both domains
     a_subjects, b_subjects = set(eval(p["domain_a_subjects"])), set(eval(p["domain_b_subjects"]))
     assert a_subjects == {"lung1"} and b_subjects == {"cq500_ct", "pancreas_ct"}
@@ -427,7 +429,7 @@ def test_cyclegan_bundle_train_evaluate_infer_both_directions(tiny_datalist, tmp
         assert len(h) == 2 * epoch_length and all(math.isfinite(x.value) for x in h), k
     assert len(client.get_metric_history(r.info.run_id, "val_lowdose_gain_db")) == 2
     lr_hist = sorted(client.get_metric_history(r.info.run_id, "lr_group_0"), key=lambda x: x.step)
-    assert lr_hist[0].value == pytest.approx(2e-4)
+    assert lr_hist[0].value == pytest.approx(1e-4)
     arts = artifact_paths(env["MLFLOW_TRACKING_URI"], r.info.run_id)
     assert {"model.pt", "model_BA.pt", "cycle_latest.png", "grid_latest.png"} <= set(arts), arts
 
