@@ -4,7 +4,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "losses", "metrics", "networks", "tracking", "transforms", "workflows")
+_SUBPACKAGES = ("adapt", "data", "losses", "metrics", "networks", "tracking", "transforms", "workflows")
+
+# under `python -m monai.bundle run`, end a failed run with one line stating the root cause (see errors.py)
+from .errors import install_bundle_excepthook as _install_bundle_excepthook  # noqa: E402
+
+_install_bundle_excepthook()
 
 
 def __getattr__(name: str):

@@ -60,6 +60,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from medsr_monai import __version__
+    from medsr_monai.adapt.cli import register as register_adapt
     from medsr_monai.data.cli import register as register_data
     from medsr_monai.paths import add_path_arguments
     from medsr_monai.publish.cli import register as register_publish
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_publish(sub)
     register_reproduce(sub)
+    register_adapt(sub)
 
     demo = sub.add_parser(
         "demo", help="fetch the sample scans, evaluate the shipped weights, fine-tune one bundle, print the comparison",
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, PermissionError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, RuntimeError) as e:
         sys.stdout.flush()  # the error is the last line the user sees
         print(f"medsr {args.command}: error: {e}", file=sys.stderr)
         return 2

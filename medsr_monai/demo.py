@@ -225,17 +225,20 @@ def run_demo(bundles: list[str] | tuple[str, ...] = DEMO_BUNDLES, finetune: str 
     if found_ft:
         out = logs / f"{finetune}_finetune"
         _run(_bundle_cmd(found_ft, ["train.json"], {
+            # a rerun of the demo replaces the demo's own fine-tune (never the bundle's shipped weights)
             "dataset_dir": samples, "output_dir": out, "ckpt_dir": out / "models", "resume": False,
+            "overwrite_weights": True,
             "init_weights": found_ft / "models" / "model.pt", "max_epochs": finetune_epochs,
             "train_max_slices_per_volume": finetune_slices, "run_name": f"{finetune}-demo-finetune"}),
             logs / f"{finetune}_finetune.log",
             f"fine-tune {finetune} from its shipped weights ({finetune_epochs} epoch, {finetune_slices} slices per "
             "volume and orientation), tracked in MLflow")
     in_plane = [n for n in found if specs[n].baselines == ("baseline",)]
-    infer_with = in_plane[-1] if infer and in_plane else None
+    infer_with = ("edsr" if "edsr" in in_plane else in_plane[-1]) if infer and in_plane else None
     if infer_with:
         volume = samples / "nifti" / "brain2.nii.gz"
-        _run(_bundle_cmd(found[infer_with], ["inference.json"], {"input": volume, "output_dir": logs / "inference"}),
+        _run(_bundle_cmd(found[infer_with], ["inference.json"], {"input": volume, "output_dir": logs / "inference",
+                                                                  "overwrite": True}),
              logs / f"{infer_with}_inference.log", f"super-resolve a whole held-out volume with {infer_with}")
     table = format_results_table(results, skipped)
     (logs / "results.md").write_text(table + "\n")

@@ -119,3 +119,13 @@ def test_demo_refuses_a_missing_bundle_before_anything_runs(clean, tmp_path, cap
         f"medsr demo: error: no bundle 'nosuch' in the bundles folder {proj / 'bundles'} (bundles there: srcnn); "
         f"give the folder holding it with --bundles-dir or MEDSR_BUNDLES_DIR, or run from the project folder")
     assert not (proj / "data").exists() and not (proj / "experiments").exists()  # nothing fetched, nothing run
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    from medsr_monai import __version__
+    from medsr_monai.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"medsr-monai {__version__}"

@@ -549,8 +549,8 @@ def test_index_folder(user_folder, tmp_path):
     expected = {"brain1", "lung1", "mni152", "brain2", "lung2", "meanhead"}
     has_dicom = CT5N is not None and CT5N.is_dir()
     if has_dicom:
-        expected.add("98890234")
-        d = items["98890234"]
+        expected.add("sub-0001")  # a pseudonym, never the PatientID 98890234 (see test_faults.py)
+        d = items["sub-0001"]
         assert d["modality"] == "CT" and not d["modality_guessed"]
         assert d["shape"] == [16, 16, 5]
         assert Path(d["image"]).parent == (out / "nifti").resolve()

@@ -222,7 +222,10 @@ def test_collaborator_unpacks_and_runs_inference(published, tmp_path, monkeypatc
     env = bundle_env(tmp_path)  # a private store: nothing recorded into the collaborator's ./mlruns
     to = tmp_path / "downloads"
     to.mkdir()
-    proc = _medsr("fetch-bundle", published["zip"], "--to", to, env=env, cwd=tmp_path)
+    # pinned by the sha256 that publish printed (an archive nothing authenticates is refused)
+    printed = [ln.split()[1] for ln in published["proc"].stdout.splitlines() if ln.startswith("sha256 ")]
+    assert printed == [sha256(published["zip"])]
+    proc = _medsr("fetch-bundle", published["zip"], "--to", to, "--sha256", printed[0], env=env, cwd=tmp_path)
     assert proc.returncode == 0, tail(proc.stdout)
     unpacked = to / NAME
     assert sorted(p.name for p in to.iterdir()) == [NAME]  # no staging leftovers
@@ -255,7 +258,8 @@ def test_collaborator_unpacks_and_runs_inference(published, tmp_path, monkeypatc
 def _fetch_fails(source: Path, to: Path, capsys, message: str) -> None:
     from medsr_monai.cli import main
 
-    assert main(["fetch-bundle", str(source), "--to", str(to)]) == 2
+    # --trust-unverified: these checks hold even for an archive the user chose to trust (see test_faults.py)
+    assert main(["fetch-bundle", str(source), "--to", str(to), "--trust-unverified"]) == 2
     err = capsys.readouterr().err
     assert "medsr fetch-bundle: error:" in err and message in err, err
     assert not to.exists() or list(to.iterdir()) == []  # nothing unpacked, no staging left
@@ -335,6 +339,7 @@ def test_fetch_refuses_pickled_objects_in_weights(published, tmp_path, capsys):
     data = evil.read_bytes()
     manifest = _manifest(published["zip"])
     manifest["files"]["models/model.pt"] = sha256(evil)  # checksums consistent: only the loader can catch it
+    manifest["sizes"]["models/model.pt"] = len(data)
     bad = _repack(published["zip"], tmp_path / "pickle.zip", {
         f"{NAME}/models/model.pt": data, f"{NAME}/manifest.json": json.dumps(manifest).encode()})
     _fetch_fails(bad, tmp_path / "to", capsys, "cannot be loaded with torch.load(weights_only=True)")
@@ -345,7 +350,7 @@ def test_fetch_from_an_unpacked_folder(published, tmp_path):
         zf.extractall(tmp_path / "src")
     from medsr_monai.publish.fetch import fetch_bundle
 
-    dest = fetch_bundle(tmp_path / "src" / NAME, tmp_path / "to")
+    dest = fetch_bundle(tmp_path / "src" / NAME, tmp_path / "to", trust_unverified=True, warn=lambda m: None)
     assert dest == tmp_path / "to" / NAME and (dest / "models" / "model.pt").is_file()
 
 

@@ -87,6 +87,13 @@ def test_resume_after_sigkill(tiny_datalist, tmp_path):
     assert sorted(steps) == list(range(done_epoch * epoch_length + 1, 3 * epoch_length + 1))  # continued
     assert len(mlflow_client(env["MLFLOW_TRACKING_URI"]).get_metric_history(resumed.info.run_id, "val_psnr")) \
         == 3 - done_epoch
+    # the two runs of one training find each other, and the killed run's superseded checkpoints are gone
+    assert resumed.data.tags["medsr.resumed_from_run_id"] == killed_id
+    assert resumed.data.tags["medsr.resumed_from_epoch"] == str(done_epoch)
+    assert mlflow_client(env["MLFLOW_TRACKING_URI"]).get_run(killed_id).data.tags["medsr.resumed_by_run_id"] \
+        == resumed.info.run_id
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("checkpoint_*.pt")) == [
+        "checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]  # the newest two
 
 
 @pytest.mark.slow

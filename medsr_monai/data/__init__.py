@@ -12,7 +12,9 @@ CLI: ``medsr data samples`` / ``medsr data index DIR`` (see :mod:`medsr_monai.da
 """
 
 from .checks import VolumeError, check_volume, load_volume, read_dicom_series, read_nrrd
-from .datalist import DatalistError, datalist_sha256, file_sha256, load_datalist, near_isotropic_files, write_datalist
+from .datalist import (
+    DatalistError, check_split_overlap, datalist_sha256, file_sha256, load_datalist, near_isotropic_files, write_datalist,
+)
 from .index import index_folder, split_subjects
 from .samples import SAMPLE_SPLITS, SAMPLES, SampleIntegrityError, fetch_samples, write_nifti
 
@@ -23,6 +25,7 @@ __all__ = [
     "read_nrrd",
     "read_dicom_series",
     "load_datalist",
+    "check_split_overlap",
     "near_isotropic_files",
     "write_datalist",
     "file_sha256",

@@ -200,3 +200,55 @@ def near_isotropic_files(path_or_dir: str | os.PathLike, split: str, modality: s
             f"{f}: split {split!r} has no near-isotropic {modality or ''} volume (spacing ratio <= {max_ratio:g}); "
             f"it has: {', '.join(seen) or 'none of that modality'}")
     return out
+
+
+def check_split_overlap(path_or_dir: str | os.PathLike, allow: bool = False) -> bool:
+    """Refuse a datalist whose training split shares a subject (its ``subject`` id) or an image file with the
+    validation or test split: those scores would measure images the network trained on. Called at bundle start.
+
+    A dataset folder without a datalist (e.g. plain folders of volumes) is not checked here.
+
+    Args:
+        path_or_dir: the datalist JSON or the folder holding ``datalist.json`` (a bundle's ``dataset_dir``).
+        allow: accept the overlap (``--allow_subject_overlap true``), with a warning.
+
+    Returns:
+        ``True`` (for a config's ``initialize`` list). Raises :class:`DatalistError` naming the file, the splits and
+        the subjects.
+    """
+    import logging
+
+    from medsr_monai.utils import as_bool
+
+    try:
+        f, content = read_datalist_json(path_or_dir)
+    except DatalistError:
+        return True  # no datalist here: the loaders report a dataset problem themselves
+    base = f.parent.resolve()
+
+    def keys(split: str) -> tuple[dict[str, str], dict[str, str]]:
+        items = [it for it in content.get(split) or [] if isinstance(it, dict)]
+        subjects = {str(it["subject"]): str(it.get("image")) for it in items if it.get("subject") not in (None, "")}
+        images = {os.path.normpath(base / str(it["image"])): str(it["image"]) for it in items
+                  if isinstance(it.get("image"), str)}
+        return subjects, images
+
+    train_subjects, train_images = keys("training")
+    problems = []
+    for other in ("validation", "test"):
+        subjects, images = keys(other)
+        shared = sorted(set(train_subjects) & set(subjects))
+        if shared:
+            more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+            problems.append(f"subject(s) {', '.join(shared[:5])}{more} in both training and {other}")
+        same = sorted(images[p] for p in set(train_images) & set(images))
+        if same:
+            problems.append(f"image(s) {', '.join(same[:3])} in both training and {other}")
+    if not problems:
+        return True
+    msg = (f"{f}: {'; '.join(problems)}: {'validation' if 'validation' in problems[0] else 'test'} scores would "
+           "measure images the network trained on")
+    if as_bool(allow, "allow_subject_overlap"):
+        logging.getLogger(__name__).warning("%s (allowed by allow_subject_overlap)", msg)
+        return True
+    raise DatalistError(f"{msg}; put each subject in one split, or pass --allow_subject_overlap true")

@@ -5,10 +5,19 @@ series (grouped by SeriesInstanceUID, anywhere below the folder), checks every v
 with :func:`~medsr_monai.data.checks.check_volume` rules, converts DICOM series and NRRD
 files to NIfTI under ``<out>/nifti/`` (RAS affines), splits by subject with a fixed seed
 and writes ``<out>/datalist.json`` and ``<out>/manifest.json``.
+
+Privacy: a DICOM series' subject is its PatientID, which identifies a patient; the datalist, the manifest and
+the file names travel (into MLflow through hashes and paths, into archives, to collaborators). So DICOM subjects
+are pseudonymised (:class:`Pseudonyms`: ``sub-0001``, ..., stable when the folder is indexed again) and the
+mapping back is kept only in ``<out>/.medsr-pseudonyms.json`` (owner-readable), which
+nothing logs or publishes. No DICOM attribute of the basic de-identification profile (PS3.15: names, ids,
+dates, UIDs, institution, accession number, ...) is copied into any output: the converted NIfTI has no
+description, the series is named by its SeriesNumber or a counter.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -23,7 +32,10 @@ from .datalist import DatalistError, SPLITS, file_sha256, write_datalist, write_
 from .modality import guess_modality
 from .readers import VolumeError, is_dicom_file, load_volume, read_dicom_series
 
-__all__ = ["index_folder", "split_subjects", "guess_modality"]
+__all__ = ["index_folder", "split_subjects", "guess_modality", "Pseudonyms", "PSEUDONYM_FILE"]
+
+#: the local file that maps pseudonyms back to patient ids: never logged, published or copied by medsr
+PSEUDONYM_FILE = ".medsr-pseudonyms.json"
 
 _NIFTI_EXT = (".nii", ".nii.gz")
 _NRRD_EXT = (".nrrd", ".nhdr")
@@ -37,8 +49,65 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _subject_of(path: Path, folder: Path) -> str:
+    """The subject of a NIfTI / NRRD file: its BIDS ``sub-<label>`` (from a folder or the file name: the scans of one
+    subject must land in one split), else the file name without its suffix."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        parts = path.parts
+    for part in parts:
+        m = re.match(r"^(sub-[A-Za-z0-9]+)", part)
+        if m:
+            return m.group(1)
+    return _stem(path)
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "subject"
+
+
+class Pseudonyms:
+    """Sequential subject pseudonyms ``sub-0001``, ``sub-0002``, ... in the order the folder's series are met (sorted
+    paths: the same folder gives the same pseudonyms). The mapping back is kept in ``<out>/.medsr-pseudonyms.json``
+    (mode 600) and reused when the folder is indexed into the same ``out`` again, so a subject keeps its pseudonym
+    and a new one gets the next number. The pseudonym carries nothing of the identifier.
+
+    Args:
+        out_dir: where the mapping file lives (the index's output folder).
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / PSEUDONYM_FILE
+        self.mapping: dict[str, str] = {}  # pseudonym -> identifier
+        try:
+            self.mapping = dict(json.loads(self.path.read_text())["subjects"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DatalistError(f"{self.path}: unreadable pseudonym file ({e}); restore it, or move it away to "
+                                "start new pseudonyms (the old ones can then not be matched)") from e
+        self._of = {ident: name for name, ident in self.mapping.items()}
+
+    def __call__(self, identifier: str) -> str:
+        if identifier not in self._of:
+            n = len(self.mapping) + 1
+            while f"sub-{n:04d}" in self.mapping:
+                n += 1
+            self._of[identifier] = f"sub-{n:04d}"
+            self.mapping[f"sub-{n:04d}"] = identifier
+        return self._of[identifier]
+
+    def save(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"about": "medsr data index: pseudonym -> original subject identifier. PRIVATE: do not "
+                       "share or publish this file.", "subjects": dict(sorted(self.mapping.items()))}, f, indent=2)
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+        return self.path
 
 
 def split_subjects(
@@ -81,6 +150,20 @@ def split_subjects(
         "validation": sorted(order[n_test:n_test + n_val]),
         "test": sorted(order[:n_test]),
     }
+
+
+def _voxel_digest(image: str | os.PathLike) -> str:
+    """sha256 of a volume's voxel data and shape (not of the file: the same scan compressed differently, or with
+    another header description, is still the same scan)."""
+    import hashlib
+
+    import nibabel as nib
+
+    img = nib.load(str(image))
+    data = np.ascontiguousarray(np.asanyarray(img.dataobj))
+    h = hashlib.sha256(str((data.shape, str(data.dtype))).encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
 
 
 def _scan(folder: Path, skip: set[Path]) -> tuple[list[Path], list[Path], list[Path]]:
@@ -168,7 +251,7 @@ def index_folder(
         except VolumeError as err:
             reject(p, err.problem)
             continue
-        add(p, _stem(p), info, [str(p)], None)
+        add(p, _subject_of(p, folder), info, [str(p)], None)
 
     used_names: set[str] = set()
 
@@ -191,8 +274,9 @@ def index_folder(
             continue
         dest = out_name(_safe(_stem(p)))
         write_nifti(dest, data, affine)
-        add(dest, _stem(p), info, [str(p)], None)
+        add(dest, _subject_of(p, folder), info, [str(p)], None)
 
+    pseudonyms = Pseudonyms(out_dir)
     series: dict[str, list[Path]] = defaultdict(list)
     for p in dicom_files:
         try:
@@ -208,19 +292,38 @@ def index_folder(
             reject(p, "DICOM file has no SeriesInstanceUID (not part of an image series)")
             continue
         series[str(uid)].append(p)
-    for uid, files in sorted(series.items(), key=lambda kv: str(kv[1][0])):
+    for k, (uid, files) in enumerate(sorted(series.items(), key=lambda kv: str(kv[1][0])), start=1):
         where = Path(os.path.commonpath([str(f) for f in files]))  # folder, or the file itself
         try:
             data, affine, meta = read_dicom_series(files)
             info = check_array(where, data, affine)
         except VolumeError as err:
-            reject(err.path, f"DICOM series {uid}: {err.problem}")
+            # the series by its number here, not its SeriesInstanceUID (a UID can be traced back to the patient)
+            reject(err.path, f"DICOM series {k}: {err.problem}")
             continue
-        subject = meta["PatientID"].strip() or where.name
-        dest = out_name(_safe(f"{subject}_series{meta['SeriesNumber'] or uid[-8:]}"))
+        # the PatientID (or, without one, the folder name: often the patient's name) only as a keyed pseudonym
+        subject = pseudonyms(meta["PatientID"].strip() or f"folder:{where.name}")
+        number = re.sub(r"\D", "", meta["SeriesNumber"]) or str(k)
+        dest = out_name(f"{subject}_series{number}")
         write_nifti(dest, data, affine)
         info["path"] = str(dest)
-        add(dest, _safe(subject), info, [str(f) for f in meta["files"]], meta["Modality"].upper() or None)
+        add(dest, subject, info, [str(f) for f in meta["files"]], meta["Modality"].upper() or None)
+    if series:
+        pseudonyms.save()
+
+    # one scan under two names (a copy, a series exported twice) would be split as two subjects: its copies
+    # would then be trained on and scored on. Keep the first, reject the others naming it.
+    first_of: dict[str, dict] = {}
+    for it in list(items):
+        digest = it["voxel_sha256"] = _voxel_digest(it["image"])
+        if digest in first_of:
+            kept = first_of[digest]
+            items.remove(it)
+            reject(it["source"][0] if len(it["source"]) == 1 else Path(it["source"][0]).parent,
+                   f"same voxel data as {kept['source'][0] if len(kept['source']) == 1 else kept['image']} "
+                   f"(subject {kept['subject']}): one scan under two names would leak between the splits")
+        else:
+            first_of[digest] = it
 
     if not items:
         raise DatalistError(

@@ -30,8 +30,8 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 __all__ = [
-    "LPS_TO_RAS", "VolumeError", "VolumeReader", "is_dicom_file", "load_volume", "read_dicom_series", "read_nrrd",
-    "volume_format",
+    "LPS_TO_RAS", "VolumeError", "VolumeMemoryError", "VolumeReader", "check_claimed_size", "is_dicom_file",
+    "load_volume", "read_dicom_series", "read_nrrd", "volume_format",
 ]
 
 #: Multiply an LPS affine by this (from the left) to get the RAS affine.
@@ -52,6 +52,99 @@ class VolumeError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class VolumeMemoryError(VolumeError, MemoryError):
+    """A volume too large for the memory at hand (also a ``MemoryError``, so that code treating out-of-memory
+    apart, e.g. the tuner's pruning, still does)."""
+
+
+#: deflate cannot compress more than ~1032:1; a .nii.gz claiming more than this many times its size is lying
+_MAX_GZIP_RATIO = 1100
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), else ``None`` (not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_claimed_size(path: str | os.PathLike, shape: Sequence[int], dtype: np.dtype, offset: int = 0,
+                       compressed: bool = False, in_file: bool = True) -> None:
+    """Refuse a volume whose header claims more voxel data than the file can hold or the memory can take, before
+    anything is allocated (a 118-byte file claiming 30000^3 voxels would otherwise end in a bare MemoryError).
+
+    Args:
+        shape, dtype: what the header claims.
+        offset: bytes before the voxel data in an uncompressed file.
+        compressed: the file is gzip (its size bounds the data only through deflate's maximum ratio).
+        in_file: the voxel data is in ``path`` (``False``: a detached or text data file: memory checked only).
+
+    Raises:
+        VolumeError: the file is too small for the claim (truncated, or a corrupt header);
+        VolumeMemoryError: loading it (stored type, plus the float32 copy the pipeline makes) would need more
+            memory than is available.
+    """
+    p = Path(path)
+    n = 1
+    for s in shape:
+        n *= max(int(s), 0)
+    stored = n * np.dtype(dtype).itemsize
+    size = p.stat().st_size
+    claim = f"its header claims {'x'.join(str(int(s)) for s in shape)} voxels of {np.dtype(dtype)} ({_size(stored)})"
+    if in_file and compressed and stored > size * _MAX_GZIP_RATIO:
+        raise VolumeError(p, f"{claim}, more than a {_size(size)} compressed file can hold: a corrupt or forged "
+                             "header")
+    if in_file and not compressed and size < offset + stored:
+        raise VolumeError(p, f"{claim}, but the file holds only {_size(size - offset)} of voxel data: truncated, "
+                             "or a corrupt header")
+    need = stored + n * 4  # the stored array and the float32 copy every bundle makes
+    free = _available_memory()
+    if free is not None and need > free:
+        raise VolumeMemoryError(p, f"{claim}; loading it needs about {_size(need)} of memory, only {_size(free)} "
+                                   "is available")
+
+
+def _check_nrrd_claim(path: str) -> None:
+    """The NRRD header's sizes and type against the file (raw or gzip data in the same file) and the memory."""
+    import nrrd
+
+    try:
+        with open(path, "rb") as f:
+            header = nrrd.read_header(f)
+            offset = f.tell()
+        dtype = nrrd.reader._determine_datatype(header)
+        shape = [int(v) for v in header["sizes"]]
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by the reader itself, with the file named
+        return
+    encoding = str(header.get("encoding", "raw")).lower()
+    in_file = not ("data file" in header or "datafile" in header) and encoding in ("raw", "gzip", "gz")
+    check_claimed_size(path, shape, dtype, offset, compressed=encoding != "raw", in_file=in_file)
+
+
+def _check_nifti_claim(path: str) -> None:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)  # the header only: the voxel data is read lazily
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by the reader itself, with the file named
+        return
+    check_claimed_size(path, img.shape, img.get_data_dtype(), int(img.header.get("vox_offset", 0) or 0),
+                       compressed=path.lower().endswith(".gz"))
 
 
 def volume_format(path: str | os.PathLike) -> str | None:
@@ -273,8 +366,10 @@ class VolumeReader(ImageReader):
         path = str(names[0])
         fmt = volume_format(path)
         if fmt == "nifti":
+            _check_nifti_claim(path)  # before nibabel allocates what the header claims
             return fmt, self.nifti.read(path, **kwargs)
         if fmt == "nrrd":
+            _check_nrrd_claim(path)
             data, affine, header = read_nrrd(path)
             return fmt, (data, affine, {"header": header})
         if fmt == "dicom":
@@ -323,8 +418,10 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     loader, reader = _loader()
     try:
         img, meta = loader(str(p), reader=reader)  # the runtime reader: its errors come through unwrapped
-    except (VolumeError, MemoryError):
+    except VolumeError:
         raise
+    except MemoryError as exc:  # a claim the checks above could not see (e.g. NRRD, DICOM): still name the file
+        raise VolumeMemoryError(p, f"not enough memory to load it ({exc or 'MemoryError'})") from exc
     except Exception as exc:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError, ...
         raise VolumeError(p, f"unreadable or corrupt file ({type(exc).__name__}: {exc})") from exc
     tensor = img.as_tensor() if isinstance(img, MetaTensor) else img

@@ -40,8 +40,9 @@ def write_archive(bundle: Path, name: str, version: str, out: Path, provenance: 
         provenance: the training run's provenance dict, or ``"unknown"``.
     """
     files = bundle_files(bundle)
+    # sizes let fetch-bundle compare every member's declared size before it extracts a byte (zip bombs)
     manifest = {"name": name, "version": version, "files": {f: sha256(bundle / f) for f in files},
-                "provenance": provenance}
+                "sizes": {f: (bundle / f).stat().st_size for f in files}, "provenance": provenance}
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f"{name}_{version}.zip"
     part = dest.with_suffix(".zip.part")

@@ -3,7 +3,13 @@
 Usage::
 
     medsr publish bundles/edsr [--out dist/] [--run-id RUN] [--sample scan.nii.gz] [--allow-no-provenance]
-    medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/     # -> downloaded/edsr/
+    medsr keygen ~/.medsr/publisher.key                         # once: key + key.pub (give .pub to collaborators)
+    medsr publish bundles/edsr --sign-key ~/.medsr/publisher.key  # prints the sha256, writes <archive>.sig
+    medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/ --sha256 <printed sha256>     # -> downloaded/edsr/
+    medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/ --public-key publisher.key.pub
+
+``fetch-bundle`` refuses an archive that is neither pinned by ``--sha256`` nor signed by a trusted
+``--public-key`` (``--trust-unverified`` overrides, with a loud warning): a bundle's configs are code.
 
 ``publish`` refuses weights whose training run cannot be found in the MLflow store (nor in the provenance sidecar
 shipped next to them, ``models/model.provenance.json``) unless
@@ -52,12 +58,32 @@ def register(sub) -> None:
                    "(default: the inference config's input, else <project>/data/samples/nifti/brain2.nii.gz)")
     p.add_argument("--allow-no-provenance", action="store_true",
                    help="publish with provenance 'unknown' when no training run matches (default: refuse)")
+    p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (from `medsr keygen`): sign the "
+                   "archive, writing <archive>.sig beside it")
     add_path_arguments(p)
     p.set_defaults(func=cmd_publish)
 
-    f = sub.add_parser("fetch-bundle", help="verify a published bundle's checksums and unpack it to DIR/<name>")
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing published archives",
+                       description="Writes KEY (private, mode 600: keep it) and KEY.pub (give it to collaborators, "
+                       "who pass it to `medsr fetch-bundle --public-key`). Refuses to overwrite a key.")
+    k.add_argument("key", type=Path, help="private key file to create, e.g. ~/.medsr/publisher.key")
+    k.set_defaults(func=cmd_keygen)
+
+    f = sub.add_parser("fetch-bundle", help="verify a published bundle (sha256 or signature, then checksums) and "
+                       "unpack it to DIR/<name>",
+                       description="Refuses an archive that is not pinned by --sha256 nor signed by a trusted "
+                       "--public-key: a bundle's configs are code that monai.bundle run executes. Caps on entries, "
+                       "sizes and compression ratio are checked before anything is extracted.")
     f.add_argument("source", type=Path, help="archive (.zip) written by medsr publish, or an unpacked bundle folder")
     f.add_argument("--to", type=Path, required=True, help="folder to unpack into (the bundle lands in DIR/<name>)")
+    f.add_argument("--sha256", default=None, help="the archive's sha256 as `medsr publish` printed it")
+    f.add_argument("--public-key", type=Path, default=None, help="the publisher's Ed25519 public key (.pub from "
+                   "`medsr keygen`); the signature is --signature or <archive>.sig")
+    f.add_argument("--signature", type=Path, default=None, help="signature file (default: <archive>.sig)")
+    f.add_argument("--trust-unverified", action="store_true", help="unpack an archive nothing authenticates "
+                   "(warned loudly; its configs run code)")
+    f.add_argument("--max-unpacked-mb", type=float, default=None, help="cap on the total unpacked size "
+                   "(default 2048 MiB), checked before extracting")
     f.set_defaults(func=cmd_fetch)
 
 
@@ -110,8 +136,9 @@ def _train_experiment(bundle: Path) -> str:
 
 def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: str | None = None,
             experiment: str | None = None, sample: Path | None = None, allow_no_provenance: bool = False,
-            log=print, project: str | os.PathLike | None = None) -> Path:
-    """All checks, then the archive. Raises :class:`PublishError` on the first failed check.
+            log=print, project: str | os.PathLike | None = None, sign_key: Path | None = None) -> Path:
+    """All checks, then the archive, its sha256 (logged: collaborators pass it to ``fetch-bundle --sha256``) and,
+    with ``sign_key``, its signature ``<archive>.sig``. Raises :class:`PublishError` on the first failed check.
 
     ``project`` is ``--project-dir`` (see :mod:`medsr_monai.paths`): the MLflow store searched by default and the
     default sample scan are in it.
@@ -122,8 +149,11 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     from .archive import write_archive
     from .checks import check_metadata, check_network, check_required_files, check_version
     from .provenance import find_provenance, read_sidecar
+    from .signing import _load_private, archive_sha256, sign_archive
 
     bundle = Path(bundle).resolve()
+    if sign_key is not None:
+        _load_private(Path(sign_key))  # a bad key is refused before the checks, not after the archive exists
     if not bundle.is_dir():
         raise PublishError(f"{bundle}: not a bundle folder")
     name = bundle.name
@@ -157,6 +187,9 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     log(f"verify_net_in_out ok; TorchScript export matches eager (max |diff| {diff:.2g}) on {sample.name}")
     dest = write_archive(bundle, name, version, Path(out), prov)
     log(f"wrote {dest}")
+    if sign_key is not None:
+        log(f"signed: {sign_archive(dest, sign_key)}")
+    log(f"sha256 {archive_sha256(dest)}  {dest.name}")
     return dest
 
 
@@ -164,17 +197,31 @@ def cmd_publish(args) -> int:
     try:
         bundle = bundle_arg(args.bundle, args.bundles_dir, args.project_dir)
         publish(bundle, args.out, args.run_id, args.tracking_uri, args.experiment, args.sample,
-                args.allow_no_provenance, project=args.project_dir)
+                args.allow_no_provenance, project=args.project_dir, sign_key=args.sign_key)
     except (PublishError, FileNotFoundError) as e:
         return _error("publish", str(e))
     return 0
 
 
-def cmd_fetch(args) -> int:
-    from .fetch import fetch_bundle
+def cmd_keygen(args) -> int:
+    from .signing import generate_key
 
     try:
-        dest = fetch_bundle(args.source, args.to)
+        private, public = generate_key(args.key)
+    except PublishError as e:
+        return _error("keygen", str(e))
+    print(f"private key {private} (keep it; sign with `medsr publish --sign-key {private}`)")
+    print(f"public key  {public} (give it to collaborators: `medsr fetch-bundle --public-key {public.name}`)")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import Limits, fetch_bundle
+
+    limits = Limits() if args.max_unpacked_mb is None else Limits(max_total=int(args.max_unpacked_mb * 2**20))
+    try:
+        dest = fetch_bundle(args.source, args.to, sha256=args.sha256, public_key=args.public_key,
+                            signature=args.signature, trust_unverified=args.trust_unverified, limits=limits)
     except PublishError as e:
         return _error("fetch-bundle", str(e))
     print(f"verified and unpacked to {dest}")

@@ -140,6 +140,10 @@ class MLflowRunHandler(MLFlowHandler):
         config_snapshot: file to write the executed config to; logged as an artifact at start.
         config_params: log every top-level setting of the executed config as a param (see :func:`config_params`);
             ``experiment_param`` then only needs what is not a top-level setting (counts, descriptions).
+        run_record: file holding the id of the run that last trained in this output folder (beside the
+            checkpoints). A run that resumes a killed or stopped one (the trainer starts past epoch 0: the
+            checkpoint was loaded) is tagged ``medsr.resumed_from_run_id`` with that id, and the earlier run
+            ``medsr.resumed_by_run_id``, so that the pieces of one training can be found from either.
         kwargs: passed to :class:`monai.handlers.MLFlowHandler` (``tracking_uri``, ``run_name``, ...).
 
     Example (bundle config)::
@@ -150,8 +154,9 @@ class MLflowRunHandler(MLFlowHandler):
     """
 
     def __init__(self, provenance: dict[str, Any] | None = None, config_snapshot: str | None = None,
-                 config_params: bool = True, **kwargs: Any):
+                 config_params: bool = True, run_record: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.run_record = Path(run_record) if run_record else None
         self.provenance = dict(provenance or {})
         self.config_snapshot = config_snapshot
         self._parser = _running_parser() if (config_snapshot or config_params) else None
@@ -200,11 +205,30 @@ class MLflowRunHandler(MLFlowHandler):
             self.client.set_tag(run_id, k, v)
         if "seed" in self.provenance:
             self._log_params({"seed": self.provenance["seed"]})
+        self._link_resumed(engine, run_id)
         if self.config_snapshot and self._executed is not None:
             path = Path(self.config_snapshot)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._executed, indent=2, default=str))
             self.client.log_artifact(run_id, str(path))
+
+    def _link_resumed(self, engine: Engine, run_id: str) -> None:
+        """Tag the link to the run this one resumes (see ``run_record``), then record this run as the latest."""
+        if self.run_record is None:
+            return
+        try:
+            previous = self.run_record.read_text().strip()
+        except OSError:
+            previous = ""
+        if previous and previous != run_id and (engine.state.epoch or 0) > 0:
+            self.client.set_tag(run_id, "medsr.resumed_from_run_id", previous)
+            self.client.set_tag(run_id, "medsr.resumed_from_epoch", str(engine.state.epoch))
+            try:
+                self.client.set_tag(previous, "medsr.resumed_by_run_id", run_id)
+            except Exception:  # noqa: BLE001 - the earlier run may be in another store (a copied folder)
+                pass
+        self.run_record.parent.mkdir(parents=True, exist_ok=True)
+        self.run_record.write_text(run_id + "\n")
 
     def _log_params(self, params: dict[str, Any]) -> None:
         items = list(params.items())

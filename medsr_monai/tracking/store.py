@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..paths import project_dir
 
-__all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri", "init_tracking_store"]
+__all__ = ["TrackingError", "project_root", "resolve_tracking_uri", "check_tracking_uri", "init_tracking_store",
+           "create_sqlite_store", "artifact_location"]
 
 
 class TrackingError(RuntimeError):
@@ -78,6 +79,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             sqlite3.connect(path, timeout=timeout).close()
         except sqlite3.Error as e:
             raise TrackingError(f"MLflow tracking URI {uri!r}: cannot open the database: {e} ({hint})") from e
+        create_sqlite_store(uri)
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -100,3 +102,50 @@ def init_tracking_store(uri: str) -> bool:
 
     mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return True
+
+
+def _has_tables(path: Path) -> bool:
+    """Whether the sqlite file already holds MLflow's schema (its alembic version table)."""
+    try:
+        with sqlite3.connect(path, timeout=30) as con:
+            return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+                               ).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def create_sqlite_store(uri: str, timeout: float = 600.0) -> bool:
+    """Create MLflow's tables in a new sqlite store, one process at a time.
+
+    Two processes opening a fresh store at once (two trainings, two ``medsr tune`` workers) both run MLflow's
+    schema migration, and one of them dies on an alembic error. An OS file lock beside the database
+    (``<db>.lock``, released by the OS if the holder dies) makes the first create the tables while the others wait
+    and then find them. A store that already has its tables is left alone without taking the lock.
+
+    Returns:
+        ``True`` when this call created the tables.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(uri.split(":///", 1)[-1])
+    if _has_tables(path):
+        return False
+    try:
+        with FileLock(f"{path}.lock", timeout=timeout):
+            if _has_tables(path):  # another process created them while we waited
+                return False
+            init_tracking_store(uri)
+            return True
+    except Timeout as e:
+        raise TrackingError(f"MLflow tracking URI {uri!r}: waited {timeout:.0f} s for another process to create the "
+                            f"store (lock {path}.lock)") from e
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``<folder of the .db>/mlruns`` (the layout
+    MONAI's ``MLFlowHandler`` gives the bundles' training runs), as a ``file://`` URI. ``None`` for other stores
+    (a server decides). Without it MLflow puts them in ``./mlruns`` of whatever the working directory is.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()

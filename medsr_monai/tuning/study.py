@@ -139,6 +139,19 @@ def _load_study(settings: TuneSettings, storage, worker: int):
     return study, seed
 
 
+def _storage_lock(url: str, timeout: float = 300.0):
+    """An OS file lock beside a sqlite storage (``<db>.lock``) for the check-then-insert steps that processes
+    sharing the storage must not interleave; a server storage (PostgreSQL, MySQL) gets no lock (its processes
+    may run on other machines), so there ``skip_if_exists`` alone keeps queued trials apart."""
+    import contextlib
+
+    if not url.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(url[len("sqlite:///"):] + ".lock", timeout=timeout)
+
+
 def _bundle_defaults(settings: TuneSettings) -> dict[str, Any]:
     """The bundle's own values of the searched parameters (with the fixed overrides applied) that lie in the space."""
     parser = bundle_parser(settings.bundle, {k: as_override(v) for k, v in settings.fixed.items()}, settings.config)
@@ -378,13 +391,7 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
     parent_id, resumed = tracker.open_parent(params, {**provenance, "medsr.tune_target_trials": str(settings.trials),
                                                       "medsr.tune_workers": str(settings.workers)})
     swept = tracker.sweep_dead_trials(study)
-    if first_call:
-        if settings.default_trial:
-            defaults = _bundle_defaults(settings)
-            if defaults:  # skipped if a process started at the same time on this storage already queued them
-                study.enqueue_trial(defaults, user_attrs={"enqueued": "bundle defaults"}, skip_if_exists=True)
-    for params_ in settings.enqueue:  # skipped when the study already has a trial with these params
-        study.enqueue_trial(params_, user_attrs={"enqueued": "--enqueue"}, skip_if_exists=True)
+    _enqueue(study, settings, first_call)
     print(f"study {settings.study_name!r} ({'resumed' if not first_call else 'new'}, {_n_counted(study)} of "
           f"{settings.trials} trials done) on {mask_url(settings.storage)}; MLflow experiment "
           f"{_tune_experiment(experiment)!r}, parent run {parent_id}" + (f"; failed dead trials {swept}" if swept else ""),
@@ -410,6 +417,21 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
     finally:
         summary = _finalize(study, settings, tracker, status, reason)
     return summary
+
+
+def _enqueue(study, settings: TuneSettings, first_call: bool) -> None:
+    """Queue the bundle's own values (a new study) and the ``--enqueue`` parameters, each only once per study.
+
+    ``skip_if_exists`` is check-then-insert: two processes started together on one storage would both queue the
+    bundle defaults (trial 0 = trial 1); the storage lock makes the check and the insert one step.
+    """
+    with _storage_lock(settings.storage):
+        if first_call and settings.default_trial:
+            defaults = _bundle_defaults(settings)
+            if defaults:
+                study.enqueue_trial(defaults, user_attrs={"enqueued": "bundle defaults"}, skip_if_exists=True)
+        for params_ in settings.enqueue:  # skipped when the study already has a trial with these params
+            study.enqueue_trial(params_, user_attrs={"enqueued": "--enqueue"}, skip_if_exists=True)
 
 
 def _check_same_study(study, settings: TuneSettings, first_call: bool) -> None:

@@ -52,10 +52,27 @@ class StudyTracker:
         self.uri = tracking_uri
         self.study_name = study_name
         self.storage = mask_url(storage)
-        exp = self.client.get_experiment_by_name(experiment_name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment_name)
+        self.experiment_id = self._experiment(experiment_name)
         self.experiment_name = experiment_name
         self.parent_run_id = parent_run_id
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if missing with its artifacts beside the store (not in ``./mlruns`` of the
+        working directory); a process that created it at the same moment is not an error."""
+        from mlflow.exceptions import MlflowException
+
+        from medsr_monai.tracking.store import artifact_location
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # -- parent -------------------------------------------------------------------------------------------
     def open_parent(self, params: dict[str, Any], tags: dict[str, str]) -> tuple[str, bool]:

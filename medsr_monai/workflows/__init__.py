@@ -16,6 +16,7 @@ from .gan import (
 )
 from medsr_monai.metrics import SRMetricsHandler, ThroughPlaneMetricsHandler, sr_items  # configs name them here
 from .handlers import ResumeHandler, SRGridHandler, StopOnNonFiniteLoss, TrainTimeLimit
+from .lock import FolderLockedError, lock_run_folders, release_run_folders
 from .inference import (
     SliceStrategy, VolumeRunner, VolumeSuperResolver, ensure_writable_dir, memory_estimate, resolve_inputs, sr_affine,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "RANK0_ONLY_HANDLERS", "ValidateAtStart", "handler_list", "process_rank", "rank_handlers",
     "AuxiliaryPrediction", "BestWeights", "CycleGANTrainer", "CycleGridHandler", "ImagePool", "LatestWeights", "SRGANCheckpoints",
     "SRGANTrainer", "UnpairedDataset", "load_weights", "loss_terms", "save_weights",
+    "FolderLockedError", "lock_run_folders", "release_run_folders",
     "ResumeHandler", "SRGridHandler", "SRMetricsHandler", "StopOnNonFiniteLoss", "TrainTimeLimit", "sr_items",
     "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "ensure_writable_dir", "memory_estimate", "resolve_inputs",
     "sr_affine",

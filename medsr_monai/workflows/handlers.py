@@ -4,7 +4,8 @@
   the bundle configs name ``medsr_monai.workflows.SRMetricsHandler``).
 * :class:`SRGridHandler` — an LR | baseline | SR | HR picture per validation, for people to look at.
 * :class:`ResumeHandler` — MONAI's ``CheckpointLoader`` needs a file that exists; resuming after a kill
-  needs "load the newest checkpoint if the previous run did not finish".
+  needs "load the newest good checkpoint if the previous run did not finish", and a new run must not overwrite
+  an earlier run's weights unasked.
 * :class:`StopOnNonFiniteLoss` — Ignite's ``TerminateOnNan`` ends training quietly as if it had
   completed; a NaN loss must fail the run with a message and keep the last good checkpoint.
 """
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -129,33 +133,96 @@ class _AtomicDiskSaver(DiskSaver):
             path.chmod(0o644)
 
 
+def _epoch_of(path: Path) -> tuple[int, float]:
+    """Sort key of a checkpoint: its epoch from the name (``checkpoint_epoch=3.pt``), then its mtime."""
+    m = re.search(r"=(\d+)\.pt$", path.name)
+    return (int(m.group(1)) if m else -1, path.stat().st_mtime)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (truncated, CRC error), or ``None`` when it is intact.
+
+    ``torch.save`` writes a zip archive: a file cut short by a kill, a full disk or a copy has no central
+    directory, and a damaged one fails its CRC check; both are found without unpickling anything.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"truncated or not a torch checkpoint ({e})"
+    return f"corrupt member {bad!r} (CRC mismatch)" if bad else None
+
+
 class ResumeHandler:
-    """Save resumable checkpoints every epoch and resume from the newest one if the last run was cut off.
+    """Save resumable checkpoints every epoch and resume from the newest good one if the last run was cut off.
 
     MONAI's ``CheckpointLoader`` needs a file that exists, and a config cannot hand the trainer to its own
     handlers (circular reference); this handler adds the engine it is attached to as ``"trainer"`` to the
-    saved/loaded objects, loads the newest ``checkpoint_*.pt`` when the previous run there did not
+    saved/loaded objects, loads the newest intact ``checkpoint_*.pt`` when the previous run there did not
     finish, and saves with MONAI's ``CheckpointSaver``. On completion it writes ``ckpt_dir/COMPLETED``;
     a later run with the same folder then starts fresh (and says so) instead of "resuming" a finished run.
+    A run stopped before ``max_epochs`` (``max_train_seconds``, Ctrl-C handled as a stop, a pruner) is not
+    completed: it writes ``ckpt_dir/STOPPED`` instead, and the same command resumes it.
+
+    Safety of what is already there:
+
+    * a truncated or corrupt newest checkpoint is named and set aside (``*.pt.corrupt``) and the previous one is
+      used (``n_saved=2`` keeps two); with none left the error names the file and says to pass ``--resume false``;
+    * a new (not resumed) run refuses to start when ``weights_dir`` already holds weights (``*.pt``): its first
+      validation would overwrite them. ``overwrite_weights=True`` allows it;
+    * checkpoints a resumed run supersedes are removed once it has saved its own.
 
     Args:
         ckpt_dir: folder for ``checkpoint_*.pt`` (network, optimizer, scheduler and trainer state).
         objects: what to save and restore besides the trainer, e.g. ``{"network": net, "optimizer": opt}``.
         enabled: resume when possible (False: always start fresh; checkpoints are still saved).
         save_interval: epochs between checkpoints; ``n_saved`` of them are kept.
+        weights_dir: the run's ``ckpt_dir`` (where ``model.pt`` goes), protected as above; ``None``: not checked.
+        overwrite_weights: let a new run replace the weights in ``weights_dir``.
     """
 
-    def __init__(self, ckpt_dir: str, objects: dict, enabled: bool = True, save_interval: int = 1, n_saved: int = 1):
+    def __init__(self, ckpt_dir: str, objects: dict, enabled: bool = True, save_interval: int = 1, n_saved: int = 2,
+                 weights_dir: str | None = None, overwrite_weights: bool = False):
         self.ckpt_dir, self.objects = Path(ckpt_dir), dict(objects)
         self.enabled = as_bool(enabled, "resume")  # `--resume false` arrives as the string 'false'
-        self.save_interval, self.n_saved = save_interval, n_saved
+        self.save_interval, self.n_saved = save_interval, max(1, int(n_saved))
+        self.weights_dir = Path(weights_dir) if weights_dir else None
+        self.overwrite_weights = as_bool(overwrite_weights, "overwrite_weights")
         self.resumed_from: Path | None = None
+        self.set_aside: list[tuple[Path, str]] = []  # (corrupt checkpoint, why)
 
     def latest(self) -> Path | None:
+        """The newest intact checkpoint of an unfinished run (corrupt ones are set aside, with a warning)."""
         if not self.ckpt_dir.is_dir() or (self.ckpt_dir / "COMPLETED").exists():
             return None
-        ckpts = sorted(self.ckpt_dir.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
-        return ckpts[-1] if ckpts else None
+        for ckpt in sorted(self.ckpt_dir.glob("checkpoint_*.pt"), key=_epoch_of, reverse=True):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            aside = ckpt.with_name(ckpt.name + ".corrupt")
+            try:
+                ckpt.replace(aside)  # kept for inspection, out of the saver's and the next run's way
+            except FileNotFoundError:  # another rank of this run set it aside first
+                pass
+            self.set_aside.append((ckpt, problem))
+            logger.warning("checkpoint %s is %s; set aside as %s, falling back to the previous one", ckpt, problem,
+                           aside.name)
+        if self.set_aside:
+            bad, problem = self.set_aside[0]
+            raise RuntimeError(f"{bad}: checkpoint is {problem}, and no earlier intact checkpoint is in "
+                               f"{self.ckpt_dir}; pass --resume false to start the run over")
+        return None
+
+    def _check_weights(self) -> None:
+        if self.weights_dir is None or self.overwrite_weights or not self.weights_dir.is_dir():
+            return
+        existing = sorted(p.name for p in self.weights_dir.glob("*.pt"))
+        if existing:
+            raise FileExistsError(
+                f"{self.weights_dir / existing[0]}: weights of an earlier run are in {self.weights_dir} "
+                f"({', '.join(existing)}), and this new run would overwrite them at its first validation. "
+                "Pass --ckpt_dir <another folder>, or --overwrite_weights true to replace them"
+                + ("" if self.enabled else ", or --resume true to continue a run that was stopped"))
 
     def attach(self, engine: Engine) -> None:
         from monai.handlers import CheckpointSaver
@@ -167,10 +234,13 @@ class ResumeHandler:
             logger.warning("resuming from %s", ckpt)
             CheckpointLoader(load_path=str(ckpt), load_dict=objects, map_location="cpu").attach(engine)
             self.resumed_from = ckpt
-        elif self.ckpt_dir.is_dir():
+        else:
+            self._check_weights()  # before anything is removed or written
+        if ckpt is None and self.ckpt_dir.is_dir():
             if marker.exists():
                 logger.warning("previous run in %s completed; starting a new run", self.ckpt_dir)
             marker.unlink(missing_ok=True)
+            (self.ckpt_dir / "STOPPED").unlink(missing_ok=True)
             for old in self.ckpt_dir.glob("checkpoint_*.pt"):
                 old.unlink()
         dist = torch.distributed
@@ -188,12 +258,30 @@ class ResumeHandler:
             # file in the same folder and rename it instead, then make it group/other-readable like MONAI's
             saver._interval_checkpoint.save_handler = _AtomicDiskSaver(str(self.ckpt_dir))
             saver.attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)  # after the saver (attached first)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _prune(self, engine: Engine) -> None:
+        """Keep the newest ``n_saved`` checkpoints: the saver only rotates its own, so the ones a resumed run
+        started from (written by the killed process) would otherwise stay forever."""
+        ckpts = sorted(self.ckpt_dir.glob("checkpoint_*.pt"), key=_epoch_of, reverse=True)
+        for old in ckpts[self.n_saved:]:
+            old.unlink(missing_ok=True)
 
     def completed(self, engine: Engine) -> None:
         if _rank() != 0:
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        max_epochs = engine.state.max_epochs
+        if engine.should_terminate and max_epochs is not None and engine.state.epoch < max_epochs:
+            # stopped early (time limit, pruner, stop request): not a finished run, so that the same command
+            # resumes it from the last checkpoint instead of starting over and overwriting its weights
+            why = getattr(engine.state, "stop_reason", None) or "terminated"
+            (self.ckpt_dir / "STOPPED").write_text(f"epoch {engine.state.epoch} of {max_epochs}: {why}\n")
+            logger.warning("training stopped at epoch %d of %d (%s); run the same command again to continue it",
+                           engine.state.epoch, max_epochs, why)
+            return
+        (self.ckpt_dir / "STOPPED").unlink(missing_ok=True)
         (self.ckpt_dir / "COMPLETED").write_text(f"epoch {engine.state.epoch}\n")
 
 
@@ -233,24 +321,37 @@ class StopOnNonFiniteLoss:
 
 
 class TrainTimeLimit:
-    """Stop training after ``seconds`` of wall time (Ignite's ``TimeLimit`` is a bare event callback; this attaches
-    it like every MONAI handler). The engine ends normally after the iteration that crosses the limit, so the
-    checkpoints and the MLflow run close as at the end of ``max_epochs``; ``None`` or 0 disables it.
+    """Stop training after ``seconds`` of wall time of this process (what Ignite's ``TimeLimit`` does, attached
+    like every MONAI handler). The engine ends after the iteration that crosses the limit and the MLflow run closes
+    as at the end of ``max_epochs``, but the run is not *completed*: ``engine.state.stop_reason`` says why, and
+    :class:`ResumeHandler` marks it ``STOPPED`` so that the same command resumes it (from the last checkpoint)
+    rather than starting over; ``None`` or 0 disables it.
 
     Args:
-        seconds: the wall-time budget of the run.
+        seconds: the wall-time budget of this process.
+        clock: seconds counter (``time.monotonic``; tests pass their own).
 
     Example:
         >>> TrainTimeLimit(None).seconds is None
         True
     """
 
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = int(round(float(seconds))) if seconds else None
+    def __init__(self, seconds: float | None, clock=time.monotonic) -> None:
+        self.seconds = float(seconds) if seconds else None
+        self.clock = clock
+        self._start: float | None = None
 
     def attach(self, engine) -> None:
         if self.seconds:
-            from ignite.engine import Events
-            from ignite.handlers import TimeLimit
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
 
-            engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(self.seconds))
+    def _started(self, engine) -> None:
+        self._start = self.clock()
+
+    def _check(self, engine) -> None:
+        if self._start is not None and self.clock() - self._start > self.seconds:
+            engine.state.stop_reason = f"max_train_seconds={self.seconds:g} reached"
+            logger.warning("max_train_seconds=%g reached at epoch %d, iteration %d: stopping", self.seconds,
+                           engine.state.epoch, engine.state.iteration)
+            engine.terminate()

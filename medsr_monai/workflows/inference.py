@@ -39,10 +39,24 @@ from .weights import load_weights
 
 __all__ = [
     "SliceStrategy", "VolumeRunner", "VolumeSuperResolver", "resolve_inputs", "sr_affine", "ensure_writable_dir",
-    "file_sha256", "memory_estimate", "load_checkpoint", "volume_stem", "write_output_volume",
+    "file_sha256", "memory_estimate", "load_checkpoint", "volume_stem", "write_output_volume", "output_paths",
+    "InferenceError", "OutputExistsError",
 ]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+class InferenceError(RuntimeError):
+    """Some inputs of an inference run failed (the others were processed). The message lists each failed input
+    with its problem, one per line, the last line naming a file and its problem."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class OutputExistsError(FileExistsError):
+    """An output is already there and ``overwrite`` is not set."""
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -118,14 +132,77 @@ def volume_stem(path: str | os.PathLike) -> str:
     return name
 
 
+def output_paths(sources: Sequence[str | os.PathLike], out_dir: Path, postfix: str
+                 ) -> tuple[list[Path | None], dict[int, str], dict[int, str]]:
+    """Where each input's output goes, so that no two inputs ever write one file.
+
+    ``<out_dir>/<stem>_<postfix>.nii.gz`` when the stems are unique (the usual case: one folder, one scan); when two
+    inputs share a stem (``p1/T1w.nii.gz`` and ``p2/T1w.nii.gz``), every input's folder relative to the inputs'
+    common folder is mirrored under ``out_dir`` (``p1/T1w_sr.nii.gz``, ``p2/T1w_sr.nii.gz``). Inputs that still
+    collide (``x.nii`` and ``x.nii.gz`` side by side) get no output path; a file listed again (e.g. in two splits
+    of a datalist) is processed once.
+
+    Returns:
+        (output path or ``None`` per input, ``{index: reason}`` for colliding inputs, ``{index: reason}`` for
+        repeats of an earlier input).
+    """
+    srcs = [Path(s).absolute() for s in sources]
+    first: dict[Path, int] = {}
+    repeats = {i: f"{s}: listed more than once; processed once" for i, s in enumerate(srcs)
+               if first.setdefault(s, i) != i}
+    names = [f"{volume_stem(s)}_{postfix}.nii.gz" for s in srcs]
+    outs = [out_dir / n for n in names]
+    unique = [i for i in range(len(srcs)) if i not in repeats]
+    if len({names[i] for i in unique}) < len(unique):
+        common = Path(os.path.commonpath([str(srcs[i].parent) for i in unique]))
+        outs = [out_dir / s.parent.relative_to(common) / n if s.parent.is_relative_to(common) else out_dir / n
+                for s, n in zip(srcs, names)]
+    by_out: dict[Path, list[int]] = {}
+    for i in unique:
+        by_out.setdefault(outs[i], []).append(i)
+    refused = {}
+    for o, idx in by_out.items():
+        for i in idx if len(idx) > 1 else ():
+            others = ", ".join(str(srcs[j]) for j in idx if j != i)
+            refused[i] = (f"{srcs[i]}: its output {o} would also be written for {others}; refusing both (rename "
+                          "one, or run them separately)")
+    return [None if i in refused or i in repeats else o for i, o in enumerate(outs)], refused, repeats
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished file into place: atomically, and without ever replacing an existing file unless
+    ``overwrite`` (a hard link fails if ``out`` exists, also when another process created it meanwhile)."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputExistsError(f"{out}: already exists; set overwrite=true to replace it") from None
+    except OSError:  # a file system without hard links: check, then rename (not atomic, but still no overwrite)
+        if out.exists():
+            raise OutputExistsError(f"{out}: already exists; set overwrite=true to replace it") from None
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype, out: Path,
-                        sidecar: dict[str, Any]) -> Path:
+                        sidecar: dict[str, Any], overwrite: bool = True) -> Path:
     """Write a processed volume as NIfTI in the input's voxel type, with its JSON sidecar beside it.
 
     Integer inputs (e.g. int16 HU) are rounded and clipped to that type; anything else is stored as float32.
     qform and sform both get ``affine`` (so every viewer places the new grid the same way); the sidecar gets
-    ``output_shape``, ``output_spacing_mm``, ``output_dtype`` and ``created`` added.
+    ``output_shape``, ``output_spacing_mm``, ``output_dtype`` and ``created`` added. Both files are written under
+    temporary names and moved into place when complete; with ``overwrite=False`` an existing output (volume or
+    sidecar) raises :class:`OutputExistsError` and nothing is replaced.
     """
+    side_path = out.with_name(out.name.replace(".nii.gz", ".json"))
+    if not overwrite:
+        for existing in (out, side_path):
+            if existing.exists():
+                raise OutputExistsError(f"{existing}: already exists; set overwrite=true to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if np.issubdtype(like_dtype, np.integer):
         info = np.iinfo(like_dtype)
         y = np.clip(np.rint(y), info.min, info.max).astype(like_dtype)
@@ -135,11 +212,19 @@ def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype,
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(out))
-    sidecar = {**sidecar, "output_shape": list(y.shape),
-               "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]], "output_dtype": str(y.dtype),
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    out.with_name(out.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=2))
+    tag = f".part-{os.getpid()}"
+    tmp_img, tmp_side = out.with_name(out.name[:-7] + tag + ".nii.gz"), side_path.with_name(side_path.name + tag)
+    try:
+        nib.save(img, str(tmp_img))
+        sidecar = {**sidecar, "output_shape": list(y.shape),
+                   "output_spacing_mm": [float(z) for z in img.header.get_zooms()[:3]], "output_dtype": str(y.dtype),
+                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+        tmp_side.write_text(json.dumps(sidecar, indent=2))
+        _commit(tmp_img, out, overwrite)
+        _commit(tmp_side, side_path, overwrite)
+    finally:
+        tmp_img.unlink(missing_ok=True)
+        tmp_side.unlink(missing_ok=True)
     return out
 
 
@@ -209,12 +294,19 @@ class VolumeRunner:
         normalizer_kwargs: passed to ``ModalityNormalize`` (CT window, MR percentiles).
         bundle_name, bundle_version: recorded in the JSON sidecar.
         device: torch device for the network (the volumes stay in host memory).
+        overwrite: replace outputs that already exist (default: skip those inputs, reported in the summary).
+
+    Outputs never collide: see :func:`output_paths`. A bad input does not stop the run: every input is tried,
+    a summary (written, skipped, failed with reasons) is printed, and :meth:`run` raises :class:`InferenceError`
+    at the end when any input failed (so ``monai.bundle run`` exits non-zero).
     """
 
     def __init__(self, network: torch.nn.Module, scale: int, inputs: Any, output_dir: str, strategy: Any,
                  checkpoint: str | None = None, modality: str = "auto", normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True):
+                 output_postfix: str = "sr", progress: bool = True, overwrite: bool = False):
+        self.overwrite = bool(overwrite)
+        self.summary: dict[str, list] = {"written": [], "skipped": [], "failed": []}
         self.network, self.scale, self.inputs, self.strategy = network, int(scale), inputs, strategy
         self.output_dir, self.checkpoint, self.modality = output_dir, checkpoint, modality
         self.normalizer_kwargs = dict(normalizer_kwargs or {})
@@ -231,15 +323,49 @@ class VolumeRunner:
         return load_checkpoint(self.network, self.checkpoint)
 
     def run(self) -> list[Path]:
+        """Process every input; returns the outputs written. Raises :class:`InferenceError` after trying all
+        inputs when any failed; an input whose output exists is skipped unless ``overwrite``."""
         items = resolve_inputs(self.inputs)
         out_dir = ensure_writable_dir(self.output_dir)
         ckpt_hash = self.load_weights()
         self.network.to(self.device).eval()
-        return [self.process(item, out_dir, ckpt_hash)
-                for item in tqdm(items, desc=self.strategy.desc, disable=not self.progress)]
+        outs, refused, repeats = output_paths([it["image"] for it in items], out_dir, self.output_postfix)
+        summary = self.summary = {"written": [], "skipped": [], "failed": []}
+        for i, item in enumerate(tqdm(items, desc=self.strategy.desc, disable=not self.progress)):
+            src = str(item["image"])
+            if i in refused or i in repeats:
+                summary["failed" if i in refused else "skipped"].append((src, refused.get(i) or repeats[i]))
+                continue
+            if not self.overwrite and outs[i].exists():
+                summary["skipped"].append((src, f"{outs[i]} exists (set overwrite=true to replace it)"))
+                continue
+            try:
+                summary["written"].append(self.process(item, out_dir, ckpt_hash, out=outs[i]))
+            except OutputExistsError as e:  # appeared meanwhile (another process): still never replaced
+                summary["skipped"].append((src, str(e)))
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad input must not cost the others; reported below
+                msg = str(e) if src in str(e) else f"{src}: {type(e).__name__}: {e}"
+                summary["failed"].append((src, msg))
+        self._report(summary, len(items))
+        return summary["written"]
 
-    def process(self, item: dict, out_dir: Path, ckpt_hash: str | None) -> Path:
-        """Load, check, normalise, run, write one volume; return the output path."""
+    def _report(self, summary: dict, n: int) -> None:
+        """Print the summary; raise :class:`InferenceError` when any input failed."""
+        w, sk, f = summary["written"], summary["skipped"], summary["failed"]
+        lines = [f"inference: {len(w)} written, {len(sk)} skipped, {len(f)} failed (of {n} inputs)"]
+        lines += [f"  written: {p}" for p in w] + [f"  skipped: {why}" for _, why in sk]
+        lines += [f"  FAILED:  {why}" for _, why in f]
+        print("\n".join(lines), flush=True)
+        if f:
+            # one failure per line, the last line naming a file and its problem (what the user sees last)
+            raise InferenceError(f"{len(f)} of {n} inference inputs failed ({len(w)} written, {len(sk)} skipped):\n"
+                                 + "\n".join(why for _, why in f), summary)
+
+    def process(self, item: dict, out_dir: Path, ckpt_hash: str | None, out: Path | None = None) -> Path:
+        """Load, check, normalise, run, write one volume (to ``out``, default
+        ``<out_dir>/<stem>_<postfix>.nii.gz``); return the output path."""
         from medsr_monai.data import load_volume
         from medsr_monai.data.checks import VolumeError, check_array
         from medsr_monai.data.modality import volume_modality
@@ -274,7 +400,7 @@ class VolumeRunner:
         with torch.no_grad():
             y = strategy(self.network, x, axis, modality, self.device)
         y = denormalize(y, lo, hi).numpy()[0]
-        out = out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
+        out = out or out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
         return write_output_volume(y, strategy.affine(self.network, np.asarray(affine_in), axis),
                                    np.dtype(np.float32) if is_complex else data.dtype, out, {
             "bundle": self.bundle_name, "bundle_version": self.bundle_version,
@@ -283,7 +409,7 @@ class VolumeRunner:
             "modality": modality, "input": str(src), "input_format": meta.get("format"),
             "input_shape": list(data.shape), "input_spacing_mm": spacing,
             "normalization_range": [float(lo), float(hi)], **strategy.settings(), "memory": memory,
-        })
+        }, overwrite=self.overwrite)
 
 
 class SliceStrategy:
@@ -397,7 +523,8 @@ class VolumeSuperResolver(VolumeRunner):
                  checkpoint: str | None = None, modality: str = "auto", roi_size: Sequence[int] = (128, 128),
                  sw_batch_size: int = 8, overlap: float = 0.25, normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None):
+                 output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None,
+                 overwrite: bool = False):
         strategy = SliceStrategy(scale, roi_size, sw_batch_size, overlap, slice_axis, progress)
         super().__init__(network, scale, inputs, output_dir, strategy, checkpoint, modality, normalizer_kwargs,
-                         bundle_name, bundle_version, device, output_postfix, progress)
+                         bundle_name, bundle_version, device, output_postfix, progress, overwrite)
