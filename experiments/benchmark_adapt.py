@@ -51,20 +51,9 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bundle_model(bundle: str, config: str, shipped: bool) -> torch.nn.Module:
-    from monai.bundle import ConfigParser
+    from medsr_monai.adapt import bundle_network
 
-    from medsr_monai.workflows.inference import load_checkpoint
-
-    root = REPO / "bundles" / bundle
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / f"{config}.json"))
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(root)
-    parser["device"] = "$torch.device('cpu')"
-    net = parser.get_parsed_content("network_def", instantiate=True)
-    if shipped:
-        load_checkpoint(net, parser.get_parsed_content("ckpt_path"))
-    return net.eval()
+    return bundle_network(REPO / "bundles" / bundle, config, shipped=shipped, device="cpu").eval()
 
 
 def test_subjects(samples: Path, modality: str) -> list[dict]:
@@ -105,18 +94,25 @@ def score(net, inputs: torch.Tensor, truth: torch.Tensor, modality: str) -> floa
     return float(np.mean([psnr(net(y[None], modality)[0], t) for y, t in zip(inputs, truth)]))
 
 
-def adapt_copy(net, objective, seconds: float, lr: float, seed: int):
-    from medsr_monai.adapt import adapt_network
+def adapt_both(row: dict, pre, bundle: str, config: str, objective_args: tuple, evaluate, args) -> None:
+    """Adapt the shipped model and a fresh one to the degraded scan; add each one's score, time, steps, whether the
+    guard kept it and its self-supervised validation before / after to ``row``."""
+    from medsr_monai.adapt import adapt_network, objective_for
 
-    net = copy.deepcopy(net)
-    t0 = time.monotonic()
-    result = adapt_network(net, objective, seconds=seconds, learning_rate=lr, seed=seed, progress=False)
-    return net.eval(), result, time.monotonic() - t0
+    for label, start, lr in (("adapted", pre, args.lr),
+                             ("scratch", bundle_model(bundle, config, False), args.scratch_lr)):
+        net = copy.deepcopy(start)
+        t0 = time.monotonic()
+        result = adapt_network(net, objective_for(net, *objective_args), seconds=args.seconds, learning_rate=lr,
+                               seed=args.seed, progress=False)
+        row[f"{label}_seconds"] = round(time.monotonic() - t0, 1)
+        with torch.no_grad():
+            row[label] = evaluate(net.eval())
+        row.update({f"{label}_steps": result.steps, f"{label}_kept": result.kept,
+                    f"{label}_val_before": result.val_before, f"{label}_val_after": result.val_after})
 
 
 def run_sr(task: str, samples: Path, args) -> list[dict]:
-    from medsr_monai.adapt import objective_for
-
     bundle, config, modalities = TASKS[task]
     rows = []
     for modality in modalities:
@@ -134,22 +130,14 @@ def run_sr(task: str, samples: Path, args) -> list[dict]:
             row["baseline"] = float(np.mean([psnr(physics.apply_dc(physics.baseline(y[None], **kw), y[None], **kw)[0],
                                                   t) for y, t in zip(lr_slices, truth)]))
             row["pretrained"] = score(pre, lr_slices, truth, modality)
-            for label, start, lr in (("adapted", pre, args.lr), ("scratch", bundle_model(bundle, config, False),
-                                                                  args.scratch_lr)):
-                objective = objective_for(start, lr_volume, modality, spacing_v, 2)
-                net, result, secs = adapt_copy(start, objective, args.seconds, lr, args.seed)
-                row[label] = score(net, lr_slices, truth, modality)
-                row[f"{label}_seconds"] = round(secs, 1)
-                row[f"{label}_steps"] = result.steps
-                row[f"{label}_kept"] = result.kept
-                row[f"{label}_val_before"], row[f"{label}_val_after"] = result.val_before, result.val_after
+            adapt_both(row, pre, bundle, config, (lr_volume, modality, spacing_v, 2),
+                       lambda net: score(net, lr_slices, truth, modality), args)
             rows.append(row)
             log(json.dumps(row))
     return rows
 
 
 def run_through_plane(task: str, samples: Path, args) -> list[dict]:
-    from medsr_monai.adapt import objective_for
     from medsr_monai.data import load_volume
     from medsr_monai.transforms import ModalityNormalize
 
@@ -176,23 +164,13 @@ def run_through_plane(task: str, samples: Path, args) -> list[dict]:
                 row["pretrained"] = psnr(pre(thick), seq)
             # the thick volume as a scan: (1, S/f, A, B) with the slice axis first
             vol, sp = thick[0], [spacing[view] * f] + [s for a, s in enumerate(spacing) if a != view]
-            for label, start, lr in (("adapted", pre, args.lr), ("scratch", bundle_model(bundle, config, False),
-                                                                  args.scratch_lr)):
-                objective = objective_for(start, vol, "MR", sp, 0)
-                net, result, secs = adapt_copy(start, objective, args.seconds, lr, args.seed)
-                with torch.no_grad():
-                    row[label] = psnr(net(thick), seq)
-                row[f"{label}_seconds"] = round(secs, 1)
-                row[f"{label}_steps"] = result.steps
-                row[f"{label}_kept"] = result.kept
-                row[f"{label}_val_before"], row[f"{label}_val_after"] = result.val_before, result.val_after
+            adapt_both(row, pre, bundle, config, (vol, "MR", sp, 0), lambda net: psnr(net(thick), seq), args)
             rows.append(row)
             log(json.dumps(row))
     return rows
 
 
 def run_denoise(task: str, samples: Path, args) -> list[dict]:
-    from medsr_monai.adapt import objective_for
     from medsr_monai.transforms.denoise import GaussianFilterd, NonLocalMeansd
 
     bundle, config, _ = TASKS[task]
@@ -214,15 +192,8 @@ def run_denoise(task: str, samples: Path, args) -> list[dict]:
                                        for y, t in zip(noisy, truth)]))
         row["pretrained"] = score(pre, noisy, truth, "CT")
         volume = as_volume(noisy)
-        for label, start, lr in (("adapted", pre, args.lr), ("scratch", bundle_model(bundle, config, False),
-                                                              args.scratch_lr)):
-            objective = objective_for(start, volume, "CT", [pix, pix, spacing[axis]], 2)
-            net, result, secs = adapt_copy(start, objective, args.seconds, lr, args.seed)
-            row[label] = score(net, noisy, truth, "CT")
-            row[f"{label}_seconds"] = round(secs, 1)
-            row[f"{label}_steps"] = result.steps
-            row[f"{label}_kept"] = result.kept
-            row[f"{label}_val_before"], row[f"{label}_val_after"] = result.val_before, result.val_after
+        adapt_both(row, pre, bundle, config, (volume, "CT", [pix, pix, spacing[axis]], 2),
+                   lambda net: score(net, noisy, truth, "CT"), args)
         rows.append(row)
         log(json.dumps(row))
     return rows

@@ -28,20 +28,9 @@ def _normalised(path: Path, modality: str) -> tuple[torch.Tensor, list[float]]:
 
 
 def _bundle_net(bundle: str, config: str = "inference", shipped: bool = True):
-    from monai.bundle import ConfigParser
+    from medsr_monai.adapt import bundle_network
 
-    from medsr_monai.workflows.inference import load_checkpoint
-
-    root = REPO / "bundles" / bundle
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / f"{config}.json"))
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(root)
-    parser["device"] = "$torch.device('cpu')"
-    net = parser.get_parsed_content("network_def", instantiate=True)
-    if shipped:
-        load_checkpoint(net, parser.get_parsed_content("ckpt_path"))
-    return net
+    return bundle_network(REPO / "bundles" / bundle, config, shipped=shipped, device="cpu")
 
 
 def _sha(p: Path) -> str:

@@ -24,7 +24,7 @@ import torch
 from .loop import AdaptResult, adapt_network
 from .objectives import objective_for
 
-__all__ = ["ScanAdaptation", "adapt_scan", "adapt_volume", "input_sha256", "load_scan", "run_inference"]
+__all__ = ["ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "input_sha256", "load_scan", "run_inference"]
 
 
 @dataclass
@@ -65,6 +65,21 @@ def _parser(bundle: Path, config: str, overrides: dict[str, Any]):
     for k, v in overrides.items():
         parser[k] = v
     return parser
+
+
+def bundle_network(bundle: str | os.PathLike, config: str = "inference", shipped: bool = True,
+                   device: str | torch.device | None = None, overrides: dict[str, Any] | None = None
+                   ) -> torch.nn.Module:
+    """The model of a bundle's inference config (``network_def``), with its shipped weights (``ckpt_path``) loaded
+    unless ``shipped`` is False (fresh weights: the physics baseline), on ``device`` (default: the config's)."""
+    from medsr_monai.workflows.inference import load_checkpoint
+
+    parser = _parser(Path(bundle), config, dict(overrides or {}))
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    net = net.to(device if device is not None else parser.get_parsed_content("device"))
+    if shipped:
+        load_checkpoint(net, parser.get_parsed_content("ckpt_path"))
+    return net
 
 
 def load_scan(src: Path, modality: str = "auto", normalizer_kwargs: dict | None = None,
