@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsr_monai.physics import modality_kwargs
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -45,7 +47,7 @@ def main() -> int:
         for modality in ("MR", "CT"):
             for item in test_subjects(REPO / "data" / "samples", modality):
                 truth, *_ = truth_slices(item, args.slices, s)
-                kw = {"modality": modality} if net.physics.name == "modality_switch" else {}
+                kw = modality_kwargs(net.physics, modality)
                 lr = torch.cat([net.physics.A(t[None], **kw).float() for t in truth])
                 ref = None
                 for name, (amp, cl) in SETTINGS.items():

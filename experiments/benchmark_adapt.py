@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsr_monai.physics import modality_kwargs
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -120,7 +122,7 @@ def run_sr(task: str, samples: Path, args) -> list[dict]:
             pre = bundle_model(bundle, config, shipped=True)
             physics, s = pre.physics, int(max(pre.physics.scale))
             truth, spacing, axis, _ = truth_slices(item, args.slices, s)
-            kw = {"modality": modality} if physics.name == "modality_switch" else {}
+            kw = modality_kwargs(physics, modality)
             lr_slices = torch.cat([physics.A(t[None], **kw).float() for t in truth])
             lr_spacing = [sp * (1 if a == axis else s) for a, sp in enumerate(spacing)]
             lr_volume = as_volume(lr_slices)  # slices along the last axis: that is the slice axis now

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 __all__ = ["register"]
 
@@ -11,15 +10,9 @@ __all__ = ["register"]
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from medsr_monai.adapt import adapt_scan
 
-    overrides = {}
-    for item in args.override or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE (VALUE in JSON, e.g. scale=4)")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    from medsr_monai.tuning.cli import parse_set
+
+    overrides = parse_set(args.override)
     done = adapt_scan(args.bundle, args.input, seconds=args.seconds, output_dir=args.output_dir, config=args.config,
                       from_scratch=args.from_scratch, overrides=overrides, tracking_uri=args.tracking_uri,
                       seed=args.seed, max_steps=args.max_steps, learning_rate=args.learning_rate,

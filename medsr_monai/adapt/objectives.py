@@ -33,17 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medsr_monai.physics import modality_kwargs
+
 __all__ = ["InPlaneSRObjective", "ThroughPlaneObjective", "Neighbor2NeighborObjective", "neighbor_subsample", "objective_for",
            "held_back", "orientation_axes"]
 
 # the same bound as the 2D bundles' train_all_axes_max_ratio: coarsest / finest spacing for "near-isotropic"
 NEAR_ISOTROPIC_RATIO = 1.5
-
-
-def _kw(physics, modality) -> dict:
-    from medsr_monai.physics import ModalitySwitch
-
-    return {"modality": modality} if isinstance(physics, ModalitySwitch) else {}
 
 
 def orientation_axes(spacing: Sequence[float], slice_axis: int, all_orientations: bool = True) -> list[int]:
@@ -148,7 +144,7 @@ class InPlaneSRObjective(_SliceObjective):
         self.batch_size, self.patch = batch_size, patch
 
     def _degrade(self, hr: torch.Tensor) -> torch.Tensor:
-        return self.physics.A(hr, **_kw(self.physics, self.modality)).float()
+        return self.physics.A(hr, **modality_kwargs(self.physics, self.modality)).float()
 
     def sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch: aligned ``(LR, HR)`` patches ``(B, 1, p, p)`` and ``(B, 1, s*p, s*p)``."""

@@ -274,12 +274,14 @@ def run_inference(runner, adapt_seconds: float = 0.0, from_scratch: bool = False
     out_dir = ensure_writable_dir(runner.output_dir)
     uri = resolve_tracking_uri(None, tracking_uri)
     strategy = runner.strategy
-    fresh = copy.deepcopy(runner.network)  # before any checkpoint is loaded: the from-scratch start
+    # the start of every input's adaptation, snapshot once: from scratch the network as built, else with the
+    # checkpoint; each input's run then loads its own adapted weights into runner.network
     start_hash = None if from_scratch else runner.load_weights()
+    start = copy.deepcopy(runner.network)
     outputs: list[Path] = []
     for item in resolve_inputs(runner.inputs):
         src = Path(item["image"]).resolve()
-        net = copy.deepcopy(fresh if from_scratch else runner.network)
+        net = copy.deepcopy(start)
         scan_info = load_scan(src, item.get("modality") or runner.modality, runner.normalizer_kwargs,
                               getattr(strategy, "slice_axis", None))
         weights, *_ = adapt_volume(net, src, out_dir, scan_info, runner.bundle_name or "bundle", uri,

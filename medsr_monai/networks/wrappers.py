@@ -103,9 +103,9 @@ class PhysicsSR(nn.Module):
         return self.physics.scale
 
     def _kw(self, modality) -> dict:
-        from medsr_monai.physics import ModalitySwitch
+        from medsr_monai.physics import modality_kwargs
 
-        return {"modality": modality} if isinstance(self.physics, ModalitySwitch) else {}
+        return modality_kwargs(self.physics, modality)
 
     def baseline(self, y: torch.Tensor, modality=None) -> torch.Tensor:
         """The physics' classical inverse of ``y`` (what the untrained model returns)."""

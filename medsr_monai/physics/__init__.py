@@ -27,11 +27,12 @@ from .base import ComposedPhysics, Physics, apply_affine_grid_change
 from .grid import GRID_CONVENTIONS, INTERP_MODES, grid_interpolate, interpolate_scaled, lr_positions
 from .noise import LowDoseCT, RicianNoise
 from .resolution import Decimation, KSpaceTruncation, ResolutionPhysics
-from .switch import ModalitySwitch, canonical_modality_name
+from .switch import ModalitySwitch, canonical_modality_name, modality_kwargs
 from .thickness import SliceThickness
 from .undersampling import CartesianUndersampling
 
 __all__ = [
+    "modality_kwargs",
     "CartesianUndersampling", "ComposedPhysics", "Decimation", "GRID_CONVENTIONS", "INTERP_MODES", "KSpaceTruncation",
     "LowDoseCT", "ModalitySwitch", "PHYSICS", "Physics", "ResolutionPhysics", "RicianNoise", "SliceThickness",
     "apply_affine_grid_change", "canonical_modality_name", "grid_interpolate", "in_plane_sr_physics",

@@ -9,7 +9,7 @@ import torch
 
 from .base import Physics
 
-__all__ = ["ModalitySwitch", "canonical_modality_name"]
+__all__ = ["ModalitySwitch", "canonical_modality_name", "modality_kwargs"]
 
 _ALIASES = {"MRI": "MR"}
 
@@ -118,3 +118,9 @@ class ModalitySwitch(Physics):
 
     def describe(self) -> str:
         return "; ".join(f"{k}: {v.describe()}" for k, v in sorted(self.branches.items()))
+
+
+def modality_kwargs(physics, modality) -> dict:
+    """``{"modality": modality}`` for a :class:`ModalitySwitch` (whose methods take it), else ``{}``: how callers
+    pass a sample's modality to any physics object."""
+    return {"modality": modality} if isinstance(physics, ModalitySwitch) else {}
