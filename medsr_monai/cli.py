@@ -1,4 +1,5 @@
-"""The ``medsr`` command line: sample data, user datalists, the end-to-end demo, and the MLflow UI.
+"""The ``medsr`` command line: sample data, user datalists, the end-to-end demo, the MLflow UI (and the Optuna
+dashboard), and registering a run's MLflow model.
 
 Training, evaluation and inference themselves run through MONAI's bundle runner, as a user would::
 
@@ -27,15 +28,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     bundles_dir=args.bundles_dir, eval_slices=args.eval_slices or None)
 
 
+def _optuna_dashboard_cmd(storage: str, host: str, port: int, check: bool = True) -> list[str]:
+    """The ``optuna-dashboard`` command on ``storage``.
+
+    Args:
+        storage: Optuna storage URL.
+        host: address to bind.
+        port: port.
+        check: raise :class:`RuntimeError` (one line, naming the extra to install) when it is not installed;
+            without the check (``--print-only``) the command is still shown.
+    """
+    import importlib.util
+    import shutil
+
+    exe = shutil.which("optuna-dashboard") or shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    if exe is None and importlib.util.find_spec("optuna_dashboard") is None:
+        if check:
+            raise RuntimeError("optuna-dashboard is not installed: pip install 'medsr-monai[dashboard]' "
+                               "(or pip install optuna-dashboard)")
+        exe = "optuna-dashboard"
+    base = [exe] if exe else [sys.executable, "-m", "optuna_dashboard"]
+    return [*base, storage, "--host", host, "--port", str(port)]
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from medsr_monai.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(project=args.project_dir)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if args.optuna:
+        from medsr_monai.paths import project_dir
+
+        storage = args.storage or f"sqlite:///{(project_dir(args.project_dir) / 'experiments' / 'optuna.db').as_posix()}"
+        try:
+            cmd = _optuna_dashboard_cmd(storage, args.host, args.port or 8080, check=not args.print_only)
+        except RuntimeError as e:
+            print(f"medsr ui: error: {e}", file=sys.stderr)
+            return 2
+    else:
+        uri = resolve_tracking_uri(project=args.project_dir)
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port or 5000)]
     print(shlex.join(cmd))
     if args.print_only:
         return 0
     return subprocess.call(cmd)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from medsr_monai.tracking import resolve_tracking_uri
+    from medsr_monai.tracking.models import register_run_model
+
+    uri = args.tracking_uri or resolve_tracking_uri(check=False, project=args.project_dir)
+    mv = register_run_model(args.run_id, uri, name=args.name, alias=args.alias)
+    print(f"registered {mv.name} version {mv.version} (run {mv.run_id})"
+          + (f", alias {args.alias}: models:/{mv.name}@{args.alias}" if args.alias else f": models:/{mv.name}/{mv.version}"))
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -43,6 +89,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from medsr_monai.tracking import resolve_tracking_uri
 
     uri = args.tracking_uri or resolve_tracking_uri(check=False, project=args.project_dir)
+    if args.registry:
+        from medsr_monai.tracking.models import format_versions, registered_versions
+
+        text = format_versions(registered_versions(uri), args.format)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
     try:
         text, notes = compare(uri, select=args.select, fmt=args.format, out=args.out, plot=args.plot,
                               images=args.images, experiments=args.experiments)
@@ -133,14 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--images", default="compare_images.png",
                      help="PNG of each selected run's image grid side by side ('' to skip; default: %(default)s)")
     cmp.add_argument("--experiments", nargs="+", default=None, help="only these MLflow experiments (bundle names)")
+    cmp.add_argument("--registry", action="store_true", help="list the Model Registry instead: every version of "
+                     "every registered model with its aliases and training run (no plots)")
     add_path_arguments(cmp, bundles=False)
     cmp.set_defaults(func=_cmd_compare)
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on the project store (<project>/mlruns/)",
-                        description="Start `mlflow ui` on the project store (MLFLOW_TRACKING_URI if set).")
+    reg = sub.add_parser(
+        "register", help="register the MLflow model a training run logged in the Model Registry (e.g. edsr-x2)",
+        description="Register the pyfunc model that a training run logged (every bundle's train.json logs one at "
+        "the end of training) as a new version of NAME (default <method>-<task>, e.g. edsr-x2, unet-mri_recon-R4), "
+        "optionally pointing an alias at it; then `medsr publish --model models:/NAME@ALIAS` or `mlflow models "
+        "predict -m models:/NAME@ALIAS --env-manager local`.")
+    reg.add_argument("run_id", help="the training run (MLflow run id)")
+    reg.add_argument("--name", default=None, help="registered model name (default: <method>-<task>)")
+    reg.add_argument("--alias", default=None, help="alias to set on the new version, e.g. champion")
+    reg.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else the "
+                     "project store <project>/mlruns/mlflow.db)")
+    add_path_arguments(reg, bundles=False)
+    reg.set_defaults(func=_cmd_register)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project store (<project>/mlruns/), or the Optuna "
+                        "dashboard (--optuna)",
+                        description="Start `mlflow ui` on the project store (MLFLOW_TRACKING_URI if set); with "
+                        "--optuna, `optuna-dashboard` on the study storage (pip install 'medsr-monai[dashboard]').")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    ui.add_argument("--port", type=int, default=None, help="port (default: 5000; 8080 with --optuna)")
     ui.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    ui.add_argument("--optuna", action="store_true", help="start optuna-dashboard on the `medsr tune` studies instead")
+    ui.add_argument("--storage", default=None, help="Optuna storage URL for --optuna (default: "
+                    "sqlite:///<project>/experiments/optuna.db, the default of `medsr tune`)")
     add_path_arguments(ui, bundles=False)
     ui.set_defaults(func=_cmd_ui)
     return parser

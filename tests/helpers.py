@@ -54,6 +54,7 @@ def bundle_env(tmp: str | os.PathLike, **extra: str) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = tracking_uri(tmp)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
+    env["MEDSR_LOG_MODEL"] = "0"  # no MLflow model per tiny training (~3 s each); the shared fixture logs one
     env.setdefault("OMP_NUM_THREADS", "2")
     env.update(extra)
     return env

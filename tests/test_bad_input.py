@@ -98,6 +98,7 @@ def _good_item(tiny_datalist, subject="brain1"):
 
 
 # ----------------------------------------------------------------------------------------------- dataset
+@pytest.mark.slow
 def test_missing_dataset_dir(tmp_path, store, previous_run):
     missing = tmp_path / "no_such_dataset"
     msg = _fail_in_process(previous_run, dataset_dir=expr(missing))
@@ -105,6 +106,7 @@ def test_missing_dataset_dir(tmp_path, store, previous_run):
     _no_open_runs(store)
 
 
+@pytest.mark.slow
 def test_malformed_datalist_json(tmp_path, store, previous_run):
     root = tmp_path / "data"
     root.mkdir()
@@ -113,6 +115,7 @@ def test_malformed_datalist_json(tmp_path, store, previous_run):
     assert f"{root / 'datalist.json'}: invalid JSON at line 1" in msg, msg
 
 
+@pytest.mark.slow
 def test_empty_training_split(tmp_path, tiny_datalist, store, previous_run):
     root = _dataset(tmp_path / "data", tiny_datalist, training=[])
     msg = _fail_in_process(previous_run, dataset_dir=expr(root))
@@ -150,6 +153,7 @@ BAD_VOLUMES = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_VOLUMES))
+@pytest.mark.slow
 def test_bad_volume_in_datalist_is_named(kind, tmp_path, tiny_datalist, store, previous_run):
     bad = _bad_volume(kind, tiny_datalist, tmp_path / f"bad_{kind}.nii.gz")
     root = _dataset(tmp_path / "data", tiny_datalist,
@@ -159,6 +163,7 @@ def test_bad_volume_in_datalist_is_named(kind, tmp_path, tiny_datalist, store, p
     _no_open_runs(store)
 
 
+@pytest.mark.slow
 def test_truncated_volume_cli_message(tmp_path, tiny_datalist, previous_run):
     """What a user sees: the last error line names the file and the problem (not a MONAI LoadImage error)."""
     bad = _bad_volume("truncated", tiny_datalist, tmp_path / "lung_truncated.nii.gz")
@@ -173,6 +178,7 @@ def test_truncated_volume_cli_message(tmp_path, tiny_datalist, previous_run):
 
 
 # ----------------------------------------------------------------------------------------------- settings
+@pytest.mark.slow
 def test_patch_size_not_divisible_by_scale(tmp_path, tiny_datalist, store, previous_run):
     msg = _fail_in_process(previous_run, dataset_dir=expr(tiny_datalist.parent), patch_size=33, scale=2)
     assert "patch_size=33 is not divisible by scale=2" in msg, msg
@@ -180,6 +186,7 @@ def test_patch_size_not_divisible_by_scale(tmp_path, tiny_datalist, store, previ
     assert not runs_of(store, BUNDLE)  # rejected before anything started
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir(tmp_path, tiny_datalist, store, previous_run):
     # tests run as root, where chmod does not stop writes: a folder below a regular file can never be created
     blocker = tmp_path / "x" / "file.txt"
@@ -191,6 +198,7 @@ def test_unwritable_output_dir(tmp_path, tiny_datalist, store, previous_run):
     assert blocker.read_text() == "a file, not a folder"
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_cli_message(tmp_path, tiny_datalist, previous_run):
     blocker = tmp_path / "file.txt"
     blocker.write_text("keep me")
@@ -204,6 +212,7 @@ def test_unwritable_output_dir_cli_message(tmp_path, tiny_datalist, previous_run
     _assert_kept(previous_run)
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_cli(tmp_path, tiny_datalist, previous_run):
     """MLflow's client would retry an unreachable server for minutes; the bundle fails at once, naming the URI,
     before reading any data (the subprocess timeout guards against a hang)."""
@@ -220,6 +229,7 @@ def test_unreachable_tracking_server_cli(tmp_path, tiny_datalist, previous_run):
     _assert_kept(previous_run)
 
 
+@pytest.mark.slow
 def test_evaluate_without_checkpoint(tmp_path, tiny_datalist, store, previous_run):
     out, models, _ = previous_run
     empty = tmp_path / "no_models"
@@ -230,6 +240,7 @@ def test_evaluate_without_checkpoint(tmp_path, tiny_datalist, store, previous_ru
 
 
 # ----------------------------------------------------------------------------------------------- inference
+@pytest.mark.slow
 def test_inference_bad_inputs_are_named(tmp_path, tiny_datalist):
     from medsr_monai.networks import SRCNN, PhysicsSR
     from medsr_monai.physics import in_plane_sr_physics

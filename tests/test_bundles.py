@@ -7,6 +7,7 @@ import csv
 import json
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,38 @@ def test_train_cli_writes_model_and_mlflow_run(bundle, trained_bundle, tiny_data
     assert executed["dataset_dir"] == expr(tiny_datalist.parent)
     assert sha256(download_artifact(tb.uri, r.info.run_id, "model.pt", tmp_path)) == sha256(tb.model)
     assert download_artifact(tb.uri, r.info.run_id, pngs[0], tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------- shipped defaults
+def test_shipped_default_paths_from_inside_the_bundle(sample_dir, tmp_path):
+    """What a user types first, from inside a bundle (bundle_root "."), with no path given: inference reads
+    data/samples/nifti/brain2.nii.gz with models/model.pt and writes into eval/inference; evaluation reads the
+    test split of data/samples and writes into eval/evaluation. Run on a copy of the bundle beside a link to the
+    samples, so the repository is not written to."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    bundle = proj / "bundles" / "srcnn"
+    shutil.copytree(REPO / "bundles" / "srcnn", bundle, ignore=shutil.ignore_patterns("eval"))
+    (proj / "data").mkdir()
+    (proj / "data" / "samples").symlink_to(sample_dir, target_is_directory=True)
+    env = bundle_env(tmp_path)
+    meta = ["--meta_file", "configs/metadata.json"]
+
+    inf = run([PYTHON, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *meta], env, cwd=bundle)
+    assert inf.returncode == 0, tail(inf.stdout)
+    (out,) = (bundle / "eval" / "inference").glob("brain2*.nii.gz")
+    sidecar = json.loads(next((bundle / "eval" / "inference").glob("brain2*.json")).read_text())
+    assert sha256(bundle / "models" / "model.pt") in json.dumps(sidecar)
+    src = nib.load(str(sample_dir / "nifti" / "brain2.nii.gz"))
+    assert nib.load(str(out)).shape[:2] == tuple(2 * n for n in src.shape[:2])
+
+    ev = run([PYTHON, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+              *meta, "--eval_slices_per_volume", "2"], env, cwd=bundle)
+    assert ev.returncode == 0, tail(ev.stdout)
+    rows = list(csv.DictReader(open(bundle / "eval" / "evaluation" / "slices.csv")))
+    test_subjects = {i["subject"] for i in json.loads((sample_dir / "datalist.json").read_text())["test"]}
+    assert {r["subject"] for r in rows} == test_subjects
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -252,8 +285,34 @@ def test_verify_metadata_rejects_missing_network_data_format(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- multi-process
+def test_sr2d_bundles_share_one_multi_gpu_config():
+    """srcnn and edsr's multi_gpu_train.json differ only in the line naming their overlay, so the one torchrun run
+    below (edsr) covers both (srgan's and cyclegan's GAN trainers have their own torchrun tests)."""
+    rendered = {b: json.loads(config(b, "multi_gpu_train").read_text()) for b in ("srcnn", "edsr")}
+    for cfg in rendered.values():
+        cfg.pop("_generated_")
+    assert rendered["srcnn"] == rendered["edsr"]
+
+
+@pytest.mark.parametrize("bundle", ["srcnn", "seqsr_lstm", "unet"])
+def test_multi_gpu_config_starts_from_init_weights(bundle):
+    """``--init_weights`` (fine-tuning from shipped weights) holds under torchrun too: the module the
+    multi-GPU config wraps is loaded from it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(config(bundle, "train")), str(config(bundle, "multi_gpu_train"))])
+    parser["bundle_root"] = str(REPO / "bundles" / bundle)
+    shipped = REPO / "bundles" / bundle / "models" / "model.pt"
+    parser["init_weights"] = str(shipped)
+    module = parser.get_parsed_content("network#module", instantiate=True)
+    want = load_state(shipped)
+    got = module.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_multi_gpu_config_with_torchrun_gloo(tiny_datalist, tmp_path):
-    bundle = "srcnn"
+    bundle = "edsr"
     out, models = tmp_path / "out", tmp_path / "models"
     cmd = torchrun_cmd(bundle, ["train", "multi_gpu_train"], dataset_dir=expr(tiny_datalist.parent),
                        output_dir=expr(out), ckpt_dir=expr(models), **TINY_TRAIN)

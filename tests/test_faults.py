@@ -260,6 +260,7 @@ def colliding_inputs(sample_dir, tmp_path):
     return {"root": root, "bad": bad, "p1": p1, "p2": p2, "x": [xgz, root / "p2" / "x.nii"]}
 
 
+@pytest.mark.slow
 def test_inference_outputs_never_collide_and_bad_inputs_do_not_stop_the_run(colliding_inputs, tmp_path, capsys):
     import nibabel as nib
 
@@ -533,6 +534,7 @@ def _ckpts(tmp_path):
     return sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("checkpoint_*"))
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_its_time_limit_resumes_and_never_loses_weights(tmp_path):
     engine, _ = _engine(tmp_path, time_limit=10.5)  # "i seconds" after iteration i: stops in epoch 3, at iteration 11
     engine.run(range(4), max_epochs=5)
@@ -564,6 +566,7 @@ def test_a_run_stopped_by_its_time_limit_resumes_and_never_loses_weights(tmp_pat
     assert resume.resumed_from is None and _ckpts(tmp_path) == ["checkpoint_epoch=1.pt"]
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     engine, _ = _engine(tmp_path, time_limit=10.5)
     engine.run(range(4), max_epochs=5)
@@ -643,6 +646,7 @@ def _find_identifiers(folder: Path, patients: range, skip: tuple = ()) -> list[s
     return hits
 
 
+@pytest.mark.slow
 def test_index_and_inference_write_no_patient_identifier(tmp_path, capsys):
     """Three patients exported with every basic-profile identifier set: indexing, and inference on the DICOM series
     and on the indexed NIfTI, write none of them anywhere (datalist, manifest, file names, NIfTI headers,

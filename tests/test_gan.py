@@ -254,6 +254,7 @@ def _srgan_iterations(datalist: Path, tmp_path: Path, pretrain_epochs: int, iter
 
 # Two iterations: the generators' last layer starts at zero (the untrained model is the interpolation / the
 # identity), so the first step moves only that layer and the second all of them.
+@pytest.mark.slow
 def test_srgan_adversarial_iterations_update_both_networks(tiny_datalist, tmp_path):
     out, g_changed, d_changed = _srgan_iterations(tiny_datalist, tmp_path, pretrain_epochs=0, iterations=2)
     losses = out["losses"]
@@ -266,6 +267,7 @@ def test_srgan_adversarial_iterations_update_both_networks(tiny_datalist, tmp_pa
     assert d_changed == 1.0, "some discriminator weights did not move"
 
 
+@pytest.mark.slow
 def test_srgan_pretraining_iteration_leaves_the_discriminator_alone(tiny_datalist, tmp_path):
     out, g_changed, d_changed = _srgan_iterations(tiny_datalist, tmp_path, pretrain_epochs=1, iterations=1)
     losses = out["losses"]
@@ -274,6 +276,7 @@ def test_srgan_pretraining_iteration_leaves_the_discriminator_alone(tiny_datalis
     assert g_changed > 0 and d_changed == 0.0
 
 
+@pytest.mark.slow
 def test_cyclegan_iterations_update_all_four_networks(tiny_datalist, tmp_path):
     parser = _parse("cyclegan", tiny_datalist, tmp_path, **{**CYCLEGAN_TINY, "max_epochs": 1,
                                                             "train#trainer#epoch_length": 2})

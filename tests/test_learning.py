@@ -49,6 +49,7 @@ def _psnr(pred: torch.Tensor, label: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_one_real_batch_is_learned(case, tiny_datalist, seq_data, tmp_path):
     bundle = case.split("_ct")[0]
     cfg, overrides, steps, lr = CASES[case]
@@ -91,6 +92,7 @@ def test_one_real_batch_is_learned(case, tiny_datalist, seq_data, tmp_path):
     assert gain > 0, f"{case}: {gain:+.2f} dB against the physics baseline it started from, on the batch it learned"
 
 
+@pytest.mark.slow
 def test_cyclegan_discriminators_learn_one_real_unpaired_batch(tiny_datalist, tmp_path):
     """CycleGAN has no paired target in training (A and B are different patients), so its learning check is on
     the adversarial side: fed one fixed real (A, B) batch, both discriminators halve their loss while the

@@ -359,6 +359,7 @@ def test_composition_applies_the_forward_models_in_order_and_inverts_in_reverse(
     assert both.origin_shift() == (0.5, 0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_inference_slice_axis_override_and_physics_in_the_sidecar(tiny_datalist, tmp_path):
     """``slice_axis`` overrides the coarsest-spacing guess (thin-slice volumes with coarse in-plane spacing); the
     output sidecar records the physics; the output affine comes from the physics (corner grid: origin kept)."""

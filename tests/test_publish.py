@@ -72,6 +72,7 @@ def _training_run(tb):
     return first
 
 
+@pytest.mark.slow
 def test_publish_writes_checksums_and_training_provenance(published):
     archive, src, tb = published["zip"], published["src"], published["tb"]
     assert archive.is_file(), published["proc"].stdout
@@ -94,6 +95,7 @@ def test_publish_writes_checksums_and_training_provenance(published):
     assert "TorchScript export matches eager" in published["proc"].stdout
 
 
+@pytest.mark.slow
 def test_publish_refuses_the_same_version_twice(published):
     proc = _medsr("publish", published["src"], "--out", published["dist"], "--sample", published["scan"],
                   env=published["env"])
@@ -129,6 +131,7 @@ def _lower_version(meta):
      "version '9.9.0' has no entry in \"changelog\""),
     ("lower version", lambda b: _edit_meta(b, _lower_version), f"0.0.9 is lower than {VERSION}"),
 ])
+@pytest.mark.slow
 def test_publish_refuses_a_broken_bundle(published, tmp_path, capsys, monkeypatch, case, edit, message):
     from medsr_monai.cli import main
 
@@ -144,6 +147,7 @@ def test_publish_refuses_a_broken_bundle(published, tmp_path, capsys, monkeypatc
     assert sorted(p.name for p in dist.iterdir()) == [f"{NAME}_{VERSION}.zip"]  # nothing new written
 
 
+@pytest.mark.slow
 def test_publish_without_a_training_run(published, tmp_path, capsys, monkeypatch):
     """Weights no run produced: refused by default; published as "unknown" with a loud warning on request."""
     from medsr_monai.cli import main
@@ -164,6 +168,7 @@ def test_publish_without_a_training_run(published, tmp_path, capsys, monkeypatch
     assert _manifest(tmp_path / "dist" / f"{NAME}_{VERSION}.zip")["provenance"] == "unknown"
 
 
+@pytest.mark.slow
 def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatch):
     from medsr_monai.cli import main
 
@@ -178,6 +183,7 @@ def test_publish_with_an_explicit_run_id(published, tmp_path, capsys, monkeypatc
     assert prov["run_id"] == finished.info.run_id and prov["status"] == "FINISHED"
 
 
+@pytest.mark.slow
 def test_publish_from_the_provenance_sidecar_without_a_store(published, tmp_path, capsys, monkeypatch):
     """A fresh clone has the shipped weights and their sidecar but not the store that trained them: publish takes
     the provenance from the sidecar; a sidecar of other weights is refused, naming it."""
@@ -218,6 +224,7 @@ def _infer(bundle: Path, scan: Path, out: Path, env, cwd: Path) -> np.ndarray:
     return np.asanyarray(nib.load(str(nii)).dataobj)
 
 
+@pytest.mark.slow
 def test_collaborator_unpacks_and_runs_inference(published, tmp_path, monkeypatch):
     env = bundle_env(tmp_path)  # a private store: nothing recorded into the collaborator's ./mlruns
     to = tmp_path / "downloads"
@@ -275,6 +282,7 @@ def _repack(src: Path, dest: Path, change: dict[str, bytes]) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_fetch_refuses_a_changed_byte(published, tmp_path, capsys):
     # a file changed after publishing, archive rebuilt around it: the manifest's sha256 no longer matches
     with zipfile.ZipFile(published["zip"]) as zf:
@@ -293,6 +301,7 @@ def test_fetch_refuses_a_changed_byte(published, tmp_path, capsys):
     _fetch_fails(flipped, tmp_path / "to2", capsys, "models/model.pt' is corrupt")
 
 
+@pytest.mark.slow
 def test_fetch_refuses_an_unlisted_file(published, tmp_path, capsys):
     bad = _repack(published["zip"], tmp_path / "extra.zip", {f"{NAME}/configs/extra.json": b"{}"})
     _fetch_fails(bad, tmp_path / "to", capsys, "configs/extra.json: not listed in manifest.json")
@@ -320,6 +329,7 @@ def test_fetch_refuses_zip_slip(tmp_path, capsys, entry, link, message):
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "evil_abs.txt").exists()
 
 
+@pytest.mark.slow
 def test_fetch_refuses_a_folder_with_an_escaping_link(published, tmp_path, capsys):
     with zipfile.ZipFile(published["zip"]) as zf:
         zf.extractall(tmp_path / "src")
@@ -333,6 +343,7 @@ class Payload:  # an arbitrary object: torch.load(weights_only=True) must refuse
         self.note = "would run code on unpickling"
 
 
+@pytest.mark.slow
 def test_fetch_refuses_pickled_objects_in_weights(published, tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"network": Payload()}, evil)
@@ -345,6 +356,7 @@ def test_fetch_refuses_pickled_objects_in_weights(published, tmp_path, capsys):
     _fetch_fails(bad, tmp_path / "to", capsys, "cannot be loaded with torch.load(weights_only=True)")
 
 
+@pytest.mark.slow
 def test_fetch_from_an_unpacked_folder(published, tmp_path):
     with zipfile.ZipFile(published["zip"]) as zf:
         zf.extractall(tmp_path / "src")

@@ -154,6 +154,29 @@ def test_reproduce_evaluation_run(original, tmp_path, capsys):
         moved.rename(tb.model)
 
 
+@pytest.mark.slow
+def test_changed_data_with_no_data_check_reruns_and_tolerance_exits_1(original, tmp_path):
+    """``--no-data-check`` re-runs on data that changed since the run (one training subject dropped from the
+    datalist): the metrics then differ, and ``--tolerance 0`` turns that into exit 1 with the verdict named."""
+    tb, orig = original
+    datalist = tb.dataset_dir / "datalist.json"
+    before = datalist.read_bytes()
+    data = json.loads(before)
+    assert len(data["training"]) > 1
+    try:
+        datalist.write_text(json.dumps({**data, "training": data["training"][:-1]}))
+        proc = _reproduce(tb.uri, tb.env, orig.info.run_id, "--output", str(tmp_path / "nd"), "--format", "json",
+                          "--no-data-check", "--tolerance", "0")
+    finally:
+        datalist.write_bytes(before)
+    assert proc.returncode == 1, tail(proc.stdout)
+    result = _json(proc.stdout)
+    assert result["metrics"]["verdict"] != "identical" and result["metrics"]["max_abs_diff"] > 0
+    assert "metrics differ by more than --tolerance 0" in proc.stdout.strip().splitlines()[-1]
+    new = mlflow_client(tb.uri).get_run(result["new_run_id"])
+    assert new.data.tags["medsr.datalist_sha256"] != orig.data.tags["medsr.datalist_sha256"]
+
+
 def test_compare_metrics_verdict():
     from medsr_monai.reproduce import compare_metrics
 

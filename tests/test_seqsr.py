@@ -155,6 +155,7 @@ def test_data_consistency_output_rethickens_to_the_input(f):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_train_cli_mlflow_run(trained, tmp_path):
     root, env, proc = trained
     _check(proc)
@@ -207,6 +208,7 @@ def test_train_cli_mlflow_run(trained, tmp_path):
     assert (root / "out" / "checkpoints" / "COMPLETED").read_text().strip() == "epoch 2"
 
 
+@pytest.mark.slow
 def test_evaluate_cli_table(trained, seq_data):
     root, env, proc = trained
     _check(proc)
@@ -237,6 +239,7 @@ def test_evaluate_cli_table(trained, seq_data):
     assert {"metrics.json", "metrics.md"} <= set(artifact_paths(env["MLFLOW_TRACKING_URI"], evals[0].info.run_id))
 
 
+@pytest.mark.slow
 def test_inference_lands_on_the_original_grid(seq_data, tmp_path):
     """Thicken a real isotropic volume (our degradation, our thick affine), super-resolve it with the CLI: the
     output must have the original shape, zooms and affine, the input dtype, and a complete sidecar. x2: the held-out
@@ -302,6 +305,7 @@ def _tool(tool, *args):
     return [PYTHON, "-m", "monai.bundle", tool, *args]
 
 
+@pytest.mark.slow
 def test_bundle_tools(trained, seq_data, tmp_path):
     root, _, proc = trained
     _check(proc)
@@ -334,6 +338,7 @@ def test_bundle_tools(trained, seq_data, tmp_path):
     assert float((y_e - eager.baseline(x)).abs().max()) > 1e-6  # the trained residual was exported
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(seq_data, tmp_path):
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     cmd = bundle_cmd("run", BUNDLE, ["train"], **_paths(tmp_path, seq_data),
@@ -353,6 +358,7 @@ def test_resume_after_sigkill(seq_data, tmp_path):
     assert sorted(r.info.status for r in runs_of(env["MLFLOW_TRACKING_URI"], BUNDLE)) == ["FINISHED", "KILLED"]
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_with_torchrun_gloo(seq_data, tmp_path):
     overrides = {**TINY, "max_epochs": 1}
     cmd = torchrun_cmd(BUNDLE, ["train", "multi_gpu_train"], **_paths(tmp_path, seq_data), **overrides)

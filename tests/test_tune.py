@@ -126,6 +126,7 @@ def test_bad_space_and_objective_are_named(tmp_path):
         obj.value({"val_psnr": 30.0})
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_storage_missing_ids_and_unknown_metric(tmp_path, tiny_datalist):
     env = bundle_env(tmp_path)
     tiny_space(tmp_path)
@@ -161,6 +162,7 @@ def _last_line(text: str) -> str:
     return [line for line in text.splitlines() if line.strip()][-1]
 
 
+@pytest.mark.slow
 def test_missing_dataset_stops_before_any_trial(tmp_path, tiny_datalist):
     """A checkout whose sample scans were never fetched: one clear error naming the path and the fix, as the last
     line, and nothing created (no study, no trial, no MLflow run)."""
@@ -264,7 +266,7 @@ def test_separate_processes_on_one_storage_draw_different_trials(tmp_path):
 @pytest.mark.slow
 def test_second_study_keeps_the_first_studys_best_file(tmp_path, tiny_datalist):
     """Each study writes its own best file; a study told to write another study's file is refused before its first
-    trial unless --overwrite-best."""
+    trial unless --overwrite-best. The second study also checks --timeout and --epochs."""
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     tiny_space(tmp_path, params={"batch_size": {"type": "categorical", "choices": [4]},
                                  "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}})
@@ -275,8 +277,12 @@ def test_second_study_keeps_the_first_studys_best_file(tmp_path, tiny_datalist):
     before = first_file.read_bytes()
     assert json.loads(before)["tuned_by"]["study"] == "first"
 
-    second = run(tune_cmd(tmp_path, tiny_datalist, "second", 1, *base), env, timeout=600)
+    # --timeout: no trial starts after 1 s, so 1 of the 5 asked for runs; --epochs 1 beats the space's max_epochs 2
+    second = run(tune_cmd(tmp_path, tiny_datalist, "second", 5, *base, "--timeout", "1", "--epochs", "1"), env,
+                 timeout=600)
     assert second.returncode == 0, tail(second.stdout)
+    (trial,) = load(tmp_path, "second").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == [1]
     assert first_file.read_bytes() == before, "the second study rewrote the first study's best file"
     second_file = tmp_path / "best" / "srcnn" / "second.json"
     assert json.loads(second_file.read_text())["tuned_by"]["study"] == "second"
@@ -486,6 +492,44 @@ def test_one_trial_of_every_bundle(bundle, tmp_path, tiny_datalist, seq_data):
     assert run_.info.status == "FINISHED" and run_.data.tags["optuna.trial_state"] == "COMPLETE"
     assert len(client.get_metric_history(run_.info.run_id, "val_psnr")) == fixed["max_epochs"]
     assert json.loads((tmp_path / "best.json").read_text())["learning_rate"] == trial.params["learning_rate"]
+
+
+#: run ``medsr tune`` with its address space capped 3 GiB above what its imports take: a real allocation failure
+#: from torch's CPU allocator that can never use the machine's memory (mmap fails at the cap, whatever the
+#: kernel's overcommit policy)
+CAPPED_TUNE = (
+    "import resource, sys\n"
+    "import mlflow, monai, optuna, torch\n"
+    "from medsr_monai.cli import main\n"
+    "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), resource.RLIM_INFINITY))\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.slow
+def test_a_real_allocation_failure_prunes_the_trial_and_the_study_goes_on(tmp_path, tiny_datalist):
+    """Through the real workflow: SRCNN widened to 65536 features on whole 64x64 slices needs a 4 GiB activation,
+    more than the 3 GiB the capped process has left, so torch raises inside the trainer; the trial is pruned as
+    out of memory with the allocator's message, and the next trial (normal width) completes."""
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
+    width = "network_def#net#features#0"  # SRCNN's first layer (64 by default)
+    tiny_space(tmp_path, params={"batch_size": {"type": "categorical", "choices": [4]},
+                                 "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+                                 width: {"type": "categorical", "choices": [65536, 64]}},
+               fixed={**{k: v for k, v in TINY_TRAIN.items() if k != "batch_size"}, "patch_size": 64})
+    wide = {"batch_size": 4, "learning_rate": 3e-4, width: 65536}
+    normal = {"batch_size": 4, "learning_rate": 3e-4, width: 64}
+    tune = tune_cmd(tmp_path, tiny_datalist, "oom", 2, "--no-default-trial", "--pruner", "none",
+                    "--enqueue", json.dumps(wide), "--enqueue", json.dumps(normal))
+    assert tune[1:4] == ["-m", "medsr_monai", "tune"]
+    proc = run([PYTHON, "-c", CAPPED_TUNE, *tune[3:]], env, timeout=600)
+    oom, ok = load(tmp_path, "oom").trials
+    assert oom.state == optuna.trial.TrialState.PRUNED, (oom.state, oom.user_attrs, tail(proc.stdout))
+    reason = oom.user_attrs["prune_reason"]
+    assert "does not fit memory" in reason and "can't allocate memory" in reason, reason
+    assert ok.state == optuna.trial.TrialState.COMPLETE, (ok.user_attrs, tail(proc.stdout))
+    assert proc.returncode == 0, tail(proc.stdout)
 
 
 def test_out_of_memory_prunes_the_trial_with_its_reason(tmp_path, monkeypatch):

@@ -337,6 +337,31 @@ def test_ct_denoise_complete_mlflow_run_evaluation_table_and_inference(tiny_data
 
 
 @pytest.mark.slow
+def test_ct_denoise_resumes_after_sigkill(tiny_datalist, tmp_path):
+    """The CT task killed after its first checkpoint resumes from it (the low-dose simulation is read back from
+    its cache, not redone) and finishes the remaining epoch into ``model_ct_denoise.pt``."""
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
+    cmd = bundle_cmd("run", "unet", ["train_ct_denoise"], **_paths(tmp_path, tiny_datalist), **TINY)
+    ckpt_dir = tmp_path / "out" / "checkpoints"
+    kill_after_first_checkpoint(cmd, env, ckpt_dir, tmp_path / "first.log")
+    ckpts = sorted(ckpt_dir.glob("checkpoint_*.pt"))
+    assert ckpts and not (ckpt_dir / "COMPLETED").exists(), tail((tmp_path / "first.log").read_text())
+    done = int(re.search(r"epoch=(\d+)", ckpts[-1].name).group(1))
+    cache = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "lowdose_cache").rglob("*") if p.is_file()}
+    assert cache, "the killed run left no low-dose cache"
+
+    second = run(cmd, env)
+    assert second.returncode == 0, tail(second.stdout)
+    assert f"resuming from {ckpts[-1]}" in second.stdout
+    completed = [int(e) for e in re.findall(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete", second.stdout)]
+    assert completed == list(range(done + 1, TINY["max_epochs"] + 1)), completed
+    assert {p: p.stat().st_mtime_ns for p in cache} == cache  # read back, not simulated again
+    assert (tmp_path / "models" / "model_ct_denoise.pt").is_file() and not (tmp_path / "models" / "model.pt").exists()
+    runs = runs_of(env["MLFLOW_TRACKING_URI"], "unet_ct_denoise")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_a_message(tiny_datalist, tmp_path):
     env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
     proc = run(bundle_cmd("run", "unet", ["train"], **_paths(tmp_path, tiny_datalist),

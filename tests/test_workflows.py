@@ -153,6 +153,7 @@ def _transposed(src, dest):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.slow
 def test_volume_superresolver_untrained_model_is_the_physics_baseline(bundle, inference_inputs, tmp_path):
     """An untrained PhysicsSR (zero-initialised last layer) returns its physics baseline exactly, so the whole
     volume pipeline (normalise, SliceInferer, denormalise, write) must give, in the input's own units and along the
@@ -183,6 +184,7 @@ def test_volume_superresolver_untrained_model_is_the_physics_baseline(bundle, in
         assert side["slice_axis"] == axis and side["checkpoint_sha256"] is None
 
 
+@pytest.mark.slow
 def test_sliding_windows_smaller_than_the_slice_leave_no_seams(inference_inputs, tmp_path):
     """Windows of 24x24 LR pixels over 64x64 slices: the physics baseline is taken on whole slices and only the
     residual is blended, so a zero-residual model still returns exact whole-slice k-space zero-filling for this
@@ -198,6 +200,7 @@ def test_sliding_windows_smaller_than_the_slice_leave_no_seams(inference_inputs,
                                atol=1e-5 * (x.max() - x.min()) + 1e-4)
 
 
+@pytest.mark.slow
 def test_inference_reads_a_dicom_series(tmp_path):
     """A real CT DICOM series folder (pydicom test data) goes in; a NIfTI in HU with the SR affine comes out."""
     pdd = pytest.importorskip("pydicom.data")

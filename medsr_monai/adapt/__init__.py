@@ -14,11 +14,12 @@ Example::
 """
 
 from .loop import AdaptResult, adapt_network
-from .objectives import (InPlaneSRObjective, Neighbor2NeighborObjective, ThroughPlaneObjective, neighbor_subsample,
-                         objective_for)
+from .objectives import (InPlaneSRObjective, Neighbor2NeighborObjective, SSDUObjective, ThroughPlaneObjective,
+                         neighbor_subsample, objective_for)
 from .scan import ScanAdaptation, adapt_scan, adapt_volume, bundle_network, run_inference
 
 __all__ = [
-    "AdaptResult", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "ThroughPlaneObjective",
+    "AdaptResult", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
+    "ThroughPlaneObjective",
     "neighbor_subsample", "objective_for", "ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "run_inference",
 ]

@@ -15,6 +15,8 @@ adaptation does not help.
   resolution; the slice-thickness physics applied along an in-plane axis makes thick/thin sequence pairs the
   through-plane model learns to invert; inference then applies it along the real slice axis. A band in the middle
   of the other in-plane axis is kept back for validation.
+- :class:`SSDUObjective` (Yaman et al. 2020): the measured k-space lines of an undersampled MR slice are split
+  into two disjoint sets; the model reconstructs from one and is scored in k-space on the other.
 - :class:`Neighbor2NeighborObjective` (Huang et al. 2021): two half-resolution images sub-sampled from
   neighbouring pixels of one noisy slice are two noisy views of nearly the same signal; the model learns to map
   one to the other, with the paper's regulariser (``gamma``) that keeps it consistent with its full-resolution
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 
 from medsr_monai.physics import modality_kwargs
 
-__all__ = ["InPlaneSRObjective", "ThroughPlaneObjective", "Neighbor2NeighborObjective", "neighbor_subsample", "objective_for",
+__all__ = ["InPlaneSRObjective", "ThroughPlaneObjective", "Neighbor2NeighborObjective", "SSDUObjective",
+           "neighbor_subsample", "objective_for",
            "held_back", "orientation_axes"]
 
 # the same bound as the 2D bundles' train_all_axes_max_ratio: coarsest / finest spacing for "near-isotropic"
@@ -84,16 +87,17 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 class _SliceObjective:
-    """Slices of a normalised ``(1, X, Y, Z)`` volume along ``axes``, split into training and kept-back slices."""
+    """Slices of a normalised ``(C, X, Y, Z)`` volume along ``axes`` (``C`` = ``channels``: 1, or 2 for a complex
+    image as (real, imaginary)), split into training and kept-back slices ``(S, C, h, w)``."""
 
     def __init__(self, volume: torch.Tensor, axes: Sequence[int], multiple: int, val_fraction: float,
-                 min_size: int):
-        if volume.ndim != 4 or volume.shape[0] != 1:
-            raise ValueError(f"expected a (1, X, Y, Z) volume, got shape {tuple(volume.shape)}")
+                 min_size: int, channels: int = 1):
+        if volume.ndim != 4 or volume.shape[0] != channels:
+            raise ValueError(f"expected a ({channels}, X, Y, Z) volume, got shape {tuple(volume.shape)}")
         self.train: list[torch.Tensor] = []
         self.val: list[torch.Tensor] = []
         for axis in axes:
-            stack = volume.movedim(axis + 1, 1)[0][:, None]  # (S, 1, h, w)
+            stack = volume.movedim(axis + 1, 0)  # (S, C, h, w)
             h, w = (stack.shape[-2] // multiple) * multiple, (stack.shape[-1] // multiple) * multiple
             if min(h, w) < min_size:
                 continue
@@ -337,6 +341,93 @@ class Neighbor2NeighborObjective(_SliceObjective):
                 "batch_size": self.batch_size, **self.num_slices}
 
 
+class SSDUObjective(_SliceObjective):
+    """SSDU (Yaman et al. 2020) pairs from the sampled k-space lines of an undersampled scan, for a
+    :class:`~medsr_monai.networks.PhysicsCascade` with Cartesian undersampling physics.
+
+    The measured lines of each slice (read from the complex zero-filled image, as the physics' consistency step
+    does) are split at random into two disjoint sets: the model sees the zero-filled image of one (``Theta``; the
+    fully sampled centre band always stays there, so the input keeps its contrast) and its output is scored in
+    k-space on the other (``Lambda``, a share ``rho`` of the lines outside the centre band), with SSDU's normalised
+    L1 + L2 loss. The data consistency step inside the model uses the ``Theta`` lines, so the ``Lambda`` lines of
+    its output are a prediction. Whole slices (k-space needs them), flips only (a 90-degree turn would make the
+    phase-encoding lines columns).
+
+    Args:
+        volume: the normalised complex zero-filled scan ``(2, X, Y, Z)`` (real, imaginary), as the runner gives it.
+        physics: the model's :class:`~medsr_monai.physics.CartesianUndersampling`.
+        modality: passed to the model.
+        slice_axis: the axis of the slices (k-space is sampled within each slice, lines along its last axis).
+        batch_size: slices per step.
+        rho: share of the non-centre measured lines held out for the loss (the paper's 0.4).
+        val_fraction: share of slices kept back for validation.
+    """
+
+    name = "ssdu"
+
+    def __init__(self, volume: torch.Tensor, physics, modality: str, slice_axis: int, batch_size: int = 4,
+                 rho: float = 0.4, val_fraction: float = 0.15):
+        super().__init__(volume, [slice_axis], 1, val_fraction, min_size=16, channels=2)
+        if not 0 < rho < 1:
+            raise ValueError(f"rho (share of measured lines held out for the loss) must be in (0, 1), got {rho}")
+        self.physics, self.modality, self.batch_size, self.rho = physics, modality, batch_size, float(rho)
+
+    def split(self, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta, lam)`` line masks ``(B, 1, 1, W)`` of the measurement ``y`` ``(B, 2, H, W)``: disjoint, their
+        union the measured lines, the centre band all in ``theta``."""
+        omega = self.physics.sampled_lines(y)  # (B, 1, 1, W) bool
+        lam = torch.zeros_like(omega)
+        w = omega.shape[-1]
+        for b in range(omega.shape[0]):
+            line = omega[b, 0, 0]
+            lo = hi = w // 2
+            while lo > 0 and line[lo - 1]:
+                lo -= 1
+            while hi < w - 1 and line[hi + 1]:
+                hi += 1
+            outer = torch.nonzero(line).flatten()
+            outer = outer[(outer < lo) | (outer > hi)]
+            k = int(round(self.rho * len(outer)))
+            if k:
+                lam[b, 0, 0, outer[torch.randperm(len(outer), generator=g)[:k]]] = True
+        return omega & ~lam, lam
+
+    def _loss(self, net: torch.nn.Module, y: torch.Tensor, g: torch.Generator, reduce: bool = True):
+        from medsr_monai.physics.undersampling import centered_fft2, centered_ifft2, from_complex, to_complex
+
+        theta, lam = self.split(y, g)
+        k_y = centered_fft2(to_complex(y))
+        y_theta = from_complex(centered_ifft2(k_y * theta)).to(y.dtype)
+        k_out = centered_fft2(to_complex(net.estimate(y_theta, self.modality)))
+        diff, ref = (k_out - k_y) * lam, k_y * lam
+        l2 = diff.abs().pow(2).flatten(1).sum(1).sqrt() / ref.abs().pow(2).flatten(1).sum(1).sqrt().clamp_min(1e-12)
+        l1 = diff.abs().flatten(1).sum(1) / ref.abs().flatten(1).sum(1).clamp_min(1e-12)
+        per_slice = l1 + l2
+        return per_slice.mean() if reduce else per_slice
+
+    def loss(self, net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        y = self._batch(self.batch_size, g)
+        return self._loss(net, y, g)
+
+    def _batch(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        stack = self.train[0]
+        y = stack[torch.randint(len(stack), (batch_size,), generator=g)]
+        for dim in (-1, -2):
+            if torch.rand((), generator=g) < 0.5:
+                y = y.flip(dim)
+        return y.contiguous()
+
+    @torch.no_grad()
+    def validation_loss(self, net: torch.nn.Module) -> float:
+        g = torch.Generator().manual_seed(0)  # the same line splits every time: comparable numbers
+        losses = [self._loss(net, y, g, reduce=False) for stack in self.val for y in stack.split(self.batch_size)]
+        return float(torch.cat(losses).mean())
+
+    def describe(self) -> dict[str, Any]:
+        return {"objective": "SSDU: the measured k-space lines split into an input set and a loss set", "rho": self.rho,
+                "batch_size": self.batch_size, **self.num_slices}
+
+
 def objective_for(network: torch.nn.Module, volume: torch.Tensor, modality: str, spacing: Sequence[float],
                   slice_axis: int, batch_size: int = 8, patch: int | None = None, val_fraction: float = 0.15):
     """The self-supervised objective that matches the model's physics.
@@ -362,5 +453,8 @@ def objective_for(network: torch.nn.Module, volume: torch.Tensor, modality: str,
     if kind == "low_dose_ct":
         return Neighbor2NeighborObjective(volume, modality, [slice_axis], batch_size, patch or 96,
                                           val_fraction=val_fraction)
+    if kind == "cartesian_undersampling":
+        return SSDUObjective(volume, physics, modality, slice_axis, batch_size=max(1, batch_size // 2),
+                             val_fraction=val_fraction)
     raise ValueError(f"scan-specific adaptation for physics {kind!r} is not available yet (in-plane SR, "
-                     "through-plane SR and CT denoising are)")
+                     "through-plane SR, MRI reconstruction and CT denoising are)")

@@ -82,10 +82,18 @@ def bundle_network(bundle: str | os.PathLike, config: str = "inference", shipped
     return net
 
 
+def _takes_complex(network: torch.nn.Module) -> bool:
+    from medsr_monai.workflows.inference import SliceStrategy
+
+    return SliceStrategy.takes_complex(network)
+
+
 def load_scan(src: Path, modality: str = "auto", normalizer_kwargs: dict | None = None,
-              slice_axis_setting: Any = None) -> dict[str, Any]:
+              slice_axis_setting: Any = None, complex_input: bool = False) -> dict[str, Any]:
     """The scan as the inference runner sees it: loaded, checked, modality resolved, normalised without clipping
-    (``modality``, ``normalizer_kwargs`` and ``slice_axis_setting`` as the runner's)."""
+    (``modality``, ``normalizer_kwargs`` and ``slice_axis_setting`` as the runner's). ``complex_input`` (a model
+    that reconstructs from the complex zero-filled image): the volume is ``(2, X, Y, Z)`` (real, imaginary) under
+    the linear map the runner applies, ``(z - lo) / (hi - lo)`` with the range of the magnitude."""
     from medsr_monai.data import load_volume
     from medsr_monai.data.checks import check_array
     from medsr_monai.data.modality import volume_modality
@@ -93,13 +101,22 @@ def load_scan(src: Path, modality: str = "auto", normalizer_kwargs: dict | None 
     from medsr_monai.transforms import ModalityNormalize
 
     data, affine, meta = load_volume(src)
-    check_array(src, data, affine, allow_single_slice=False, allow_complex=False)
+    check_array(src, data, affine, allow_single_slice=False, allow_complex=complex_input)
     data = np.asarray(data)
-    data = data.reshape(data.shape[:3]).astype(np.float32)
-    vol = torch.as_tensor(data)[None]
+    data = data.reshape(data.shape[:3])
+    is_complex = np.iscomplexobj(data)
+    if complex_input and not is_complex:
+        raise ValueError(f"{src}: is a real (magnitude) image, but this model reconstructs from the complex "
+                         "zero-filled image (write one with medsr_monai.transforms.zero_filled_volume)")
+    vol = torch.as_tensor((np.abs(data) if is_complex else data).astype(np.float32))[None]
     dicom = meta.get("Modality", "").upper()
     modality = volume_modality(None, dicom if dicom in ("CT", "MR") else None, modality, min_value=float(vol.min()))
-    x = torch.as_tensor(ModalityNormalize(modality=modality, clip=False, **(normalizer_kwargs or {}))(vol)).float()
+    normalizer = ModalityNormalize(modality=modality, clip=False, **(normalizer_kwargs or {}))
+    x = torch.as_tensor(normalizer(vol)).float()
+    if is_complex:
+        lo, hi = normalizer.last_range
+        z = (data.astype(np.complex64) - lo) / (hi - lo)
+        x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
     spacing = [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
     axis = (slice_axis(data.shape, spacing) if slice_axis_setting in (None, "auto", "None")
             else int(slice_axis_setting))
@@ -117,7 +134,10 @@ def _log_mlflow(tracking_uri: str, method: str, params: dict[str, Any], result: 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     name = f"adapt-{method}"
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    from medsr_monai.tracking.models import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
+
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})  # the UI's model-training view
     from medsr_monai.tracking.provenance import new_run_name
 
     run = client.create_run(exp_id, run_name=new_run_name(name), tags={
@@ -232,7 +252,8 @@ def adapt_scan(bundle: str | os.PathLike, scan: str | os.PathLike, seconds: floa
     runner_cfg = parser["runner"]
     scan_info = load_scan(src, parser.get_parsed_content("modality"),
                           parser.get_parsed_content("runner#normalizer_kwargs")
-                          if "normalizer_kwargs" in runner_cfg else None, parser.get("slice_axis"))
+                          if "normalizer_kwargs" in runner_cfg else None, parser.get("slice_axis"),
+                          complex_input=_takes_complex(network))
     weights, sidecar, result, run_id, record = adapt_volume(
         network, src, out_dir, scan_info, method, uri, seconds, from_scratch, start_hash, seed, max_steps,
         learning_rate, batch_size, progress, overwrite,
@@ -283,7 +304,7 @@ def run_inference(runner, adapt_seconds: float = 0.0, from_scratch: bool = False
         src = Path(item["image"]).resolve()
         net = copy.deepcopy(start)
         scan_info = load_scan(src, item.get("modality") or runner.modality, runner.normalizer_kwargs,
-                              getattr(strategy, "slice_axis", None))
+                              getattr(strategy, "slice_axis", None), complex_input=_takes_complex(net))
         weights, *_ = adapt_volume(net, src, out_dir, scan_info, runner.bundle_name or "bundle", uri,
                                    float(adapt_seconds), from_scratch, start_hash, seed, progress=runner.progress,
                                    overwrite=overwrite, extra={"bundle_version": runner.bundle_version})

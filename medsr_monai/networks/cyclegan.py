@@ -64,6 +64,9 @@ class ResnetGenerator(nn.Module):
         torch.Size([1, 1, 30, 30])
     """
 
+    #: inputs are padded to a multiple of this (two stride-2 stages) and cropped back (ONNX export reads it)
+    multiple = 4
+
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, features: int = 64,
                  num_blocks: int = 9, residual: bool = True) -> None:
         super().__init__()

@@ -75,7 +75,7 @@ class ResidualUNet(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sizes: List[int] = [int(n) for n in x.shape[2:]]
+        sizes: List[int] = list(x.shape[2:])  # not int(n): keeps sizes symbolic for torch.export / ONNX
         pads: List[int] = []
         for n in sizes[::-1]:  # F.pad lists the last axis first
             pads += [0, (self.multiple - n % self.multiple) % self.multiple]

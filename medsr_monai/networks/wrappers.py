@@ -257,11 +257,16 @@ class PhysicsCascade(PhysicsSR):
     def residual(self, y: torch.Tensor, modality=None) -> torch.Tensor:
         return self.forward(y, modality) - self.baseline(y, modality)
 
-    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+    def estimate(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        """The last cascade's estimate ``z_K`` before :meth:`physics.to_image` (for Cartesian undersampling the
+        complex image, whose k-space self-supervised losses such as SSDU compare with the measurement)."""
         z = self.physics.init_estimate(y)
         for net in self.nets:
             z = self.physics.apply_dc(z + net(z), y)
-        return self.physics.to_image(z)
+        return z
+
+    def forward(self, y: torch.Tensor, modality=None) -> torch.Tensor:
+        return self.physics.to_image(self.estimate(y, modality))
 
     def record(self) -> dict:
         nets = getattr(self, "nets", None)

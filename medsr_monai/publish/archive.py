@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -32,23 +33,44 @@ def bundle_files(bundle: Path) -> list[str]:
     return sorted(out)
 
 
-def write_archive(bundle: Path, name: str, version: str, out: Path, provenance: dict | str) -> Path:
+def write_archive(bundle: Path, name: str, version: str, out: Path, provenance: dict | str,
+                  onnx_sample: Path | None = None, log=print) -> Path:
     """Zip ``bundle`` to ``out/<name>_<version>.zip`` (written to a temporary name first, so that a failure
     never leaves a half archive that would count as published).
 
     Args:
         provenance: the training run's provenance dict, or ``"unknown"``.
+        onnx_sample: a real NIfTI: export every inference config's network to ``models/<ckpt stem>.onnx`` and
+            verify it with ONNX Runtime on it (:mod:`.onnx_export`); the result (files, tolerance, differences,
+            or why a network was not exported) goes into the manifest's ``"onnx"`` entry. ``None``: no ONNX.
     """
+    from .onnx_export import export_bundle_variants
+
     files = bundle_files(bundle)
+    sources = {f: bundle / f for f in files}
+    onnx_record = None
+    if onnx_sample is not None:
+        # ONNX files are made from these weights now; any already in the bundle (e.g. a fetched archive) go
+        extra, onnx_record = export_bundle_variants(bundle, Path(onnx_sample), log)
+        sources = {f: p for f, p in sources.items() if not (f.startswith("models/") and ".onnx" in f)}
+        sources.update(extra)
+    files = sorted(sources)
     # sizes let fetch-bundle compare every member's declared size before it extracts a byte (zip bombs)
-    manifest = {"name": name, "version": version, "files": {f: sha256(bundle / f) for f in files},
-                "sizes": {f: (bundle / f).stat().st_size for f in files}, "provenance": provenance}
+    manifest = {"name": name, "version": version, "files": {f: sha256(sources[f]) for f in files},
+                "sizes": {f: sources[f].stat().st_size for f in files}, "provenance": provenance}
+    if onnx_record is not None:
+        manifest["onnx"] = onnx_record
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f"{name}_{version}.zip"
     part = dest.with_suffix(".zip.part")
-    with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for f in files:
-            zf.write(bundle / f, f"{name}/{f}")
-        zf.writestr(f"{name}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(part, dest)
+    try:
+        with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in files:
+                zf.write(sources[f], f"{name}/{f}")
+            zf.writestr(f"{name}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+        for p in {sources[f].parent for f in files if not sources[f].is_relative_to(bundle)}:
+            shutil.rmtree(p, ignore_errors=True)  # the exported ONNX files' temporary folder
     return dest

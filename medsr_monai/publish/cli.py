@@ -3,6 +3,7 @@
 Usage::
 
     medsr publish bundles/edsr [--out dist/] [--run-id RUN] [--sample scan.nii.gz] [--allow-no-provenance]
+    medsr publish --model models:/edsr-x2@champion [--tracking-uri URI]   # from the MLflow Model Registry
     medsr keygen ~/.medsr/publisher.key                         # once: key + key.pub (give .pub to collaborators)
     medsr publish bundles/edsr --sign-key ~/.medsr/publisher.key  # prints the sha256, writes <archive>.sig
     medsr fetch-bundle dist/edsr_0.1.0.zip --to downloaded/ --sha256 <printed sha256>     # -> downloaded/edsr/
@@ -45,8 +46,11 @@ def register(sub) -> None:
                        "eager model on a real slice), then dist/<name>_<version>.zip with a sha256 manifest and the "
                        "training run's provenance. Weights with no matching FINISHED MLflow run are refused "
                        "unless --allow-no-provenance.")
-    p.add_argument("bundle", help="bundle folder, e.g. bundles/edsr, or a bundle name found in the bundles "
-                   "folder, e.g. edsr")
+    p.add_argument("bundle", nargs="?", default=None, help="bundle folder, e.g. bundles/edsr, or a bundle name "
+                   "found in the bundles folder, e.g. edsr (or --model)")
+    p.add_argument("--model", default=None, metavar="MODEL_URI", help="publish a model from the MLflow Model "
+                   "Registry instead of a bundle folder, e.g. models:/edsr-x2@champion (or models:/edsr-x2/3): the "
+                   "bundle's configs and trained weights logged with it, provenance from the run that trained it")
     p.add_argument("--out", type=Path, default=Path("dist"), help="where archives are written (default: dist/)")
     p.add_argument("--run-id", default=None, help="MLflow run that trained models/model.pt (default: found by "
                    "matching the sha256 of models/model.pt against FINISHED runs' model.pt artifacts)")
@@ -185,7 +189,7 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     with tempfile.TemporaryDirectory() as tmp:
         diff = check_network(bundle, sample, Path(tmp) / "model.ts")
     log(f"verify_net_in_out ok; TorchScript export matches eager (max |diff| {diff:.2g}) on {sample.name}")
-    dest = write_archive(bundle, name, version, Path(out), prov)
+    dest = write_archive(bundle, name, version, Path(out), prov, onnx_sample=sample, log=log)  # + models/*.onnx
     log(f"wrote {dest}")
     if sign_key is not None:
         log(f"signed: {sign_archive(dest, sign_key)}")
@@ -193,7 +197,55 @@ def publish(bundle: Path, out: Path, run_id: str | None = None, tracking_uri: st
     return dest
 
 
+def publish_registered(model_uri: str, out: Path, tracking_uri: str | None = None, sample: Path | None = None,
+                       log=print, project: str | os.PathLike | None = None, sign_key: Path | None = None) -> Path:
+    """:func:`publish` a model of the MLflow Model Registry (``models:/edsr-x2@champion``): the bundle folder logged
+    inside the pyfunc model (configs, docs, the trained weights) is downloaded and published with the provenance of
+    the run that trained it.
+
+    Args:
+        model_uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or any model URI MLflow resolves).
+        out: where the archive is written.
+        tracking_uri: the store (default: ``MLFLOW_TRACKING_URI``, else the project store).
+        sample: real NIfTI for the TorchScript check.
+        log: progress printer.
+        project: ``--project-dir``.
+        sign_key: Ed25519 private key to sign the archive.
+
+    Returns:
+        the archive path.
+    """
+    import shutil
+
+    from medsr_monai.tracking.models import download_registered_bundle
+    from medsr_monai.tracking.store import resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri(check=False, project=project)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            bundle, run_id = download_registered_bundle(model_uri, Path(tmp) / "download", uri)
+        except Exception as e:  # noqa: BLE001 - unknown name/alias, unreachable store: one line naming the URI
+            raise PublishError(f"--model {model_uri}: {type(e).__name__}: {e}") from e
+        staged = Path(tmp) / "bundle" / bundle.name
+        shutil.copytree(bundle, staged)
+        (staged / "mlflow_settings.json").unlink(missing_ok=True)  # the pyfunc's own file, not the bundle's
+        log(f"{model_uri}: bundle {bundle.name}, trained by run {run_id}")
+        return publish(staged, out, run_id=run_id, tracking_uri=uri, sample=sample, log=log, project=project,
+                       sign_key=sign_key)
+
+
 def cmd_publish(args) -> int:
+    if args.model:
+        if args.bundle:
+            return _error("publish", "give a bundle or --model, not both")
+        try:
+            publish_registered(args.model, args.out, args.tracking_uri, args.sample, project=args.project_dir,
+                               sign_key=args.sign_key)
+        except (PublishError, FileNotFoundError) as e:
+            return _error("publish", str(e))
+        return 0
+    if not args.bundle:
+        return _error("publish", "give a bundle folder or name, or --model models:/NAME@ALIAS")
     try:
         bundle = bundle_arg(args.bundle, args.bundles_dir, args.project_dir)
         publish(bundle, args.out, args.run_id, args.tracking_uri, args.experiment, args.sample,

@@ -144,7 +144,19 @@ class MLflowRunHandler(MLFlowHandler):
             checkpoints). A run that resumes a killed or stopped one (the trainer starts past epoch 0: the
             checkpoint was loaded) is tagged ``medsr.resumed_from_run_id`` with that id, and the earlier run
             ``medsr.resumed_by_run_id``, so that the pieces of one training can be found from either.
+        log_model: on a trainer, log the trained bundle as an MLflow ``pyfunc`` model (``model``, with signature and
+            input example; see :func:`~medsr_monai.tracking.models.log_bundle_model`) when training completes.
+            ``None``: the executed config's top-level ``log_model`` (``--log_model false`` turns it off), else on.
+        register_model: also register that model: a name, or ``True`` for ``<method>-<task>`` (e.g. ``edsr-x2``).
+            ``None``: the config's top-level ``register_model`` (``--register_model true`` / ``edsr-x2``), else no.
+        register_alias: alias of the new version (e.g. ``champion``); ``None``: the config's ``register_alias``.
+        dataset_contexts: the datalist splits logged as run inputs (``mlflow.log_input``-style MetaDatasets, see
+            :func:`~medsr_monai.tracking.models.dataset_inputs`); default ``training`` + ``validation`` on a
+            trainer, the config's ``eval_split`` (``test``) on an evaluator.
         kwargs: passed to :class:`monai.handlers.MLFlowHandler` (``tracking_uri``, ``run_name``, ...).
+
+    Besides MONAI's records, a run gets MLflow's standard ``mlflow.source.*`` tags (bundle, config, commit), and its
+    experiment ``mlflow.experimentKind = custom_model_development`` (the UI's model-training view).
 
     Example (bundle config)::
 
@@ -154,18 +166,26 @@ class MLflowRunHandler(MLFlowHandler):
     """
 
     def __init__(self, provenance: dict[str, Any] | None = None, config_snapshot: str | None = None,
-                 config_params: bool = True, run_record: str | None = None, **kwargs: Any):
+                 config_params: bool = True, run_record: str | None = None, log_model: bool | None = None,
+                 register_model: str | bool | None = None, register_alias: str | None = None,
+                 dataset_contexts: list[str] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.log_model, self.register_model, self.register_alias = log_model, register_model, register_alias
+        self.dataset_contexts = dataset_contexts
+        self._is_trainer = False
         self.run_record = Path(run_record) if run_record else None
         self.provenance = dict(provenance or {})
         self.config_snapshot = config_snapshot
-        self._parser = _running_parser() if (config_snapshot or config_params) else None
+        self._parser = _running_parser()
         self._executed = self._parser.get() if (config_snapshot and self._parser is not None) else None
         self._config_params = bool(config_params)
         self._prev_sigterm = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
+        from monai.engines import Trainer
+
+        self._is_trainer = isinstance(engine, Trainer)
         super().attach(engine)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
         # Handlers such as StatsHandler and CheckpointSaver re-raise from their own exception handler,
@@ -201,6 +221,7 @@ class MLflowRunHandler(MLFlowHandler):
         tags.update({"medsr.pid": str(os.getpid()), "medsr.host": socket.gethostname()})
         if self.provenance.get("git_commit"):
             tags["mlflow.source.git.commit"] = str(self.provenance["git_commit"])
+        tags.update(self._mlflow_standard(run_id))
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         if "seed" in self.provenance:
@@ -211,6 +232,84 @@ class MLflowRunHandler(MLFlowHandler):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._executed, indent=2, default=str))
             self.client.log_artifact(run_id, str(path))
+
+    # -- what MLflow users expect: experiment kind, source tags, dataset inputs, the model -------------------
+    def _setting(self, key: str, value: Any, default: Any = None) -> Any:
+        """``value`` when given, else the executed config's top-level ``key`` (a ``--key`` override), else
+        ``default``; ``"true"``/``"false"`` strings read as booleans."""
+        if value is None and self._parser is not None:
+            try:
+                value = self._parser.get_parsed_content(key) if key in self._parser.get() else None
+            except Exception:  # noqa: BLE001 - an expression that cannot be evaluated here: the default
+                value = None
+        if isinstance(value, str) and value.lower() in ("true", "false", "none", "null", ""):
+            value = {"true": True, "false": False}.get(value.lower())
+        return default if value is None else value
+
+    def _bundle_root(self) -> str | None:
+        root = self._setting("bundle_root", None)
+        return str(root) if root else None
+
+    def _mlflow_standard(self, run_id: str) -> dict[str, str]:
+        """Mark the experiment as model training, log the datalist splits as run inputs, and return MLflow's
+        standard source tags (never fails the run: a problem is recorded as a ``medsr.mlflow_warning`` tag)."""
+        from .models import config_source, dataset_inputs, mark_training_experiment, source_tags
+
+        tags: dict[str, str] = {}
+        try:
+            mark_training_experiment(self.client, self.experiment.experiment_id)
+            root = self._bundle_root()
+            default = "train.json" if self._is_trainer else "evaluate.json"
+            tags.update(source_tags(root, config_source(root, default), self.provenance.get("git_commit")))
+            contexts = self.dataset_contexts or (
+                ["training", "validation"] if self._is_trainer else [str(self._setting("eval_split", None, "test"))])
+            inputs = dataset_inputs(self._setting("dataset_dir", None), self.provenance.get("datalist_sha256"),
+                                    contexts, Path(root).name if root else str(self.experiment_name))
+            if inputs:
+                self.client.log_inputs(run_id, datasets=inputs)
+        except Exception as e:  # noqa: BLE001 - a missing extra must never cost the training run
+            tags["medsr.mlflow_warning"] = f"standard MLflow records incomplete: {type(e).__name__}: {e}"[:_MAX_TAG]
+        return tags
+
+    def complete(self) -> None:
+        """MONAI's artifacts, then (trainer) the MLflow ``pyfunc`` model and its registration, before the run
+        closes."""
+        super().complete()
+        # default on; MEDSR_LOG_MODEL=0 makes it off by default (the test suite: ~3 s per tiny training), while a
+        # config's or the command line's log_model still wins
+        log_default = os.environ.get("MEDSR_LOG_MODEL", "1").strip().lower() not in ("0", "false", "no", "off")
+        if self._is_trainer and self.cur_run is not None and self._setting("log_model", self.log_model, log_default):
+            self._log_model(self.cur_run.info.run_id)
+
+    def _log_model(self, run_id: str) -> None:
+        """Log the trained bundle as an MLflow model (and register it when asked). A failure is reported and tagged
+        (``medsr.model_log_error``), never raised: the weights are already saved and logged as ``model.pt``."""
+        import time
+
+        from .models import log_bundle_model, register_run_model
+
+        t0 = time.monotonic()
+        try:
+            weights = [p for p in self._parse_artifacts() if str(p).endswith(".pt") and Path(p).is_file()]
+            root = self._bundle_root()
+            if not weights or not root:
+                raise FileNotFoundError("no trained weights (.pt artifact) or bundle_root to build the model from")
+            config = self._parser.get() if self._parser is not None else {}
+            task = config.get("task") if isinstance(config.get("task"), str) else None
+            log_bundle_model(run_id, self.client.tracking_uri, root, weights, config, task=task)
+            self.client.set_tag(run_id, "medsr.model_log_seconds", f"{time.monotonic() - t0:.2f}")
+            register = self._setting("register_model", self.register_model, False)
+            if register:
+                name = None if register is True else str(register)
+                mv = register_run_model(run_id, self.client.tracking_uri, name=name,
+                                        alias=self._setting("register_alias", self.register_alias, None))
+                print(f"registered model {mv.name} version {mv.version}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            import sys
+
+            msg = f"{type(e).__name__}: {e}"
+            print(f"WARNING: the MLflow model was not logged: {msg}", file=sys.stderr, flush=True)
+            self.client.set_tag(run_id, "medsr.model_log_error", msg[:_MAX_TAG])
 
     def _link_resumed(self, engine: Engine, run_id: str) -> None:
         """Tag the link to the run this one resumes (see ``run_record``), then record this run as the latest."""

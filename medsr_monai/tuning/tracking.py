@@ -61,13 +61,15 @@ class StudyTracker:
         working directory); a process that created it at the same moment is not an error."""
         from mlflow.exceptions import MlflowException
 
+        from medsr_monai.tracking.models import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
         from medsr_monai.tracking.store import artifact_location
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
         except MlflowException:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

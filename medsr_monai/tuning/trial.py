@@ -222,6 +222,10 @@ def run_trial(trial: optuna.Trial, setup: TrialSetup) -> float:
         # the pre-training validation scores the physics floor, the same for every trial: it tells the study
         # nothing, costs a validation per trial, and would be reported to Optuna as a step 0
         overrides["validate_at_start"] = False
+    if "log_model" not in setup.fixed:
+        # a trial's weights are a search step, not a model to serve: no MLflow pyfunc model per trial (the best
+        # trial's override file trains the model that is logged); `--set log_model=true` turns it back on
+        overrides["log_model"] = False
     state, reason, reporter = "FAIL", "", None
     try:
         reporter = _train(setup, trial, overrides, params)

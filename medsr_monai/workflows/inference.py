@@ -187,6 +187,27 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def as_stored(y: np.ndarray, like_dtype: np.dtype) -> np.ndarray:
+    """``y`` in the voxel type it is stored in: integer types (e.g. int16 HU) rounded and clipped to that type,
+    anything else float32."""
+    if np.issubdtype(like_dtype, np.integer):
+        info = np.iinfo(like_dtype)
+        return y if y.dtype == like_dtype else np.clip(np.rint(y), info.min, info.max).astype(like_dtype)
+    return y.astype(np.float32, copy=False)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A config flag: booleans, and the strings ``monai.bundle run --flag true/false`` hands over."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no", "none", ""):
+            return False
+        raise ValueError(f"{name} must be a boolean, got {value!r}")
+    return bool(value)
+
+
 def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype, out: Path,
                         sidecar: dict[str, Any], overwrite: bool = True) -> Path:
     """Write a processed volume as NIfTI in the input's voxel type, with its JSON sidecar beside it.
@@ -203,11 +224,7 @@ def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype,
             if existing.exists():
                 raise OutputExistsError(f"{existing}: already exists; set overwrite=true to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if np.issubdtype(like_dtype, np.integer):
-        info = np.iinfo(like_dtype)
-        y = np.clip(np.rint(y), info.min, info.max).astype(like_dtype)
-    else:
-        y = y.astype(np.float32)
+    y = as_stored(y, like_dtype)
     img = nib.Nifti1Image(y, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -295,6 +312,14 @@ class VolumeRunner:
         bundle_name, bundle_version: recorded in the JSON sidecar.
         device: torch device for the network (the volumes stay in host memory).
         overwrite: replace outputs that already exist (default: skip those inputs, reported in the summary).
+        backend: ``"torch"`` (eager PyTorch) or ``"onnx"``: the network's learned part runs in ONNX Runtime from
+            ``onnx_path`` (default: the checkpoint with suffix ``.onnx``, what ``medsr publish`` ships), the physics
+            around it stays in PyTorch (see :mod:`medsr_monai.workflows.onnx_backend`).
+        dicom_output: when an input is a DICOM series, also write the output as a DICOM series (a derived series
+            of the same study) in ``<name>_<postfix>_dicom/`` beside the NIfTI (see
+            :mod:`medsr_monai.data.dicom_out`). Off by default here, on in the bundles' ``inference.json``: that
+            series carries the input's patient and study identifiers *inside* its files (what filing it back into
+            the same study needs), unlike the NIfTI and its sidecar; never in a file name.
 
     Outputs never collide: see :func:`output_paths`. A bad input does not stop the run: every input is tried,
     a summary (written, skipped, failed with reasons) is printed, and :meth:`run` raises :class:`InferenceError`
@@ -304,7 +329,14 @@ class VolumeRunner:
     def __init__(self, network: torch.nn.Module, scale: int, inputs: Any, output_dir: str, strategy: Any,
                  checkpoint: str | None = None, modality: str = "auto", normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True, overwrite: bool = False):
+                 output_postfix: str = "sr", progress: bool = True, overwrite: bool = False,
+                 backend: str = "torch", onnx_path: str | None = None, dicom_output: bool = False):
+        from .onnx_backend import BACKENDS
+
+        if str(backend).lower() not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend, self.onnx_path = str(backend).lower(), onnx_path
+        self.dicom_output = _as_bool(dicom_output, "dicom_output")
         self.overwrite = bool(overwrite)
         self.summary: dict[str, list] = {"written": [], "skipped": [], "failed": []}
         self.network, self.scale, self.inputs, self.strategy = network, int(scale), inputs, strategy
@@ -329,6 +361,28 @@ class VolumeRunner:
         out_dir = ensure_writable_dir(self.output_dir)
         ckpt_hash = self.load_weights()
         self.network.to(self.device).eval()
+        torch_net = self.network
+        if self.backend == "onnx":  # a copy with ONNX Runtime for the learned part; the torch model is kept
+            import copy
+
+            from .onnx_backend import onnx_path_for, use_onnx
+
+            onnx_file = self.onnx_path or onnx_path_for(self.checkpoint or "model.pt")
+            key = (str(onnx_file), ckpt_hash, id(torch_net))
+            cached = getattr(self, "_onnx_cache", None)
+            if cached is None or cached[0] != key:  # ONNX Runtime sessions are made once per file and weights
+                self._onnx_cache = (key, use_onnx(copy.deepcopy(torch_net), onnx_file, ckpt_hash, self.device))
+            self.network = self._onnx_cache[1]
+            self._backend_info = {"backend": "onnx", "onnx_path": str(onnx_file),
+                                  "onnx_sha256": file_sha256(onnx_file)}
+        else:
+            self._backend_info = {"backend": "torch"}
+        try:
+            return self._run_items(items, out_dir, ckpt_hash)
+        finally:
+            self.network = torch_net
+
+    def _run_items(self, items: list[dict], out_dir: Path, ckpt_hash: str | None) -> list[Path]:
         outs, refused, repeats = output_paths([it["image"] for it in items], out_dir, self.output_postfix)
         summary = self.summary = {"written": [], "skipped": [], "failed": []}
         for i, item in enumerate(tqdm(items, desc=self.strategy.desc, disable=not self.progress)):
@@ -401,15 +455,33 @@ class VolumeRunner:
             y = strategy(self.network, x, axis, modality, self.device)
         y = denormalize(y, lo, hi).numpy()[0]
         out = out or out_dir / f"{volume_stem(src)}_{self.output_postfix}.nii.gz"
-        return write_output_volume(y, strategy.affine(self.network, np.asarray(affine_in), axis),
-                                   np.dtype(np.float32) if is_complex else data.dtype, out, {
+        out_affine = strategy.affine(self.network, np.asarray(affine_in), axis)
+        y = as_stored(y, np.dtype(np.float32) if is_complex else data.dtype)
+        dicom_dir = None
+        if self.dicom_output and meta.get("format") == "dicom" and meta.get("files"):
+            from medsr_monai.data.dicom_out import describe, dicom_output_dir
+
+            dicom_dir = dicom_output_dir(out)
+        written = write_output_volume(y, out_affine, y.dtype, out, {
             "bundle": self.bundle_name, "bundle_version": self.bundle_version,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_sha256": ckpt_hash,
             "scale": self.scale, "zoom": strategy.zoom(axis), **strategy.geometry(self.network, axis),
             "modality": modality, "input": str(src), "input_format": meta.get("format"),
             "input_shape": list(data.shape), "input_spacing_mm": spacing,
             "normalization_range": [float(lo), float(hi)], **strategy.settings(), "memory": memory,
+            **getattr(self, "_backend_info", {"backend": self.backend}),
+            **({"dicom_output": str(dicom_dir)} if dicom_dir else {}),
         }, overwrite=self.overwrite)
+        if dicom_dir is not None:  # the same values and grid as the NIfTI, as a derived series of the input's study
+            from medsr_monai.data.dicom_out import write_dicom_series
+
+            zoom = strategy.zoom(axis)
+            write_dicom_series(y, out_affine, meta["files"], dicom_dir,
+                               describe(self.bundle_name, self.bundle_version, self.output_postfix),
+                               f"{self.bundle_name or 'medsr'} {self.bundle_version} {self.output_postfix}: zoom "
+                               f"{zoom} on slice axis {axis} (medsr-monai)", zoom=zoom,
+                               software_version=f"{self.bundle_name} {self.bundle_version}".strip(), overwrite=True)
+        return written
 
 
 class SliceStrategy:
@@ -524,7 +596,9 @@ class VolumeSuperResolver(VolumeRunner):
                  sw_batch_size: int = 8, overlap: float = 0.25, normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
                  output_postfix: str = "sr", progress: bool = True, slice_axis: int | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, backend: str = "torch", onnx_path: str | None = None,
+                 dicom_output: bool = False):
         strategy = SliceStrategy(scale, roi_size, sw_batch_size, overlap, slice_axis, progress)
         super().__init__(network, scale, inputs, output_dir, strategy, checkpoint, modality, normalizer_kwargs,
-                         bundle_name, bundle_version, device, output_postfix, progress, overwrite)
+                         bundle_name, bundle_version, device, output_postfix, progress, overwrite, backend,
+                         onnx_path, dicom_output)

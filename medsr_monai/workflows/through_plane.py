@@ -217,8 +217,10 @@ class ThroughPlaneSuperResolver(VolumeRunner):
                  slice_axis: int | str = "auto", modality: str = "auto", window: int = 16, overlap: float = 0.25,
                  roi: Sequence[int] = (-1, -1), sw_batch_size: int = 1, normalizer_kwargs: dict | None = None,
                  bundle_name: str = "", bundle_version: str = "", device: str | torch.device = "cpu",
-                 output_postfix: str = "sr", progress: bool = True, overwrite: bool = False):
+                 output_postfix: str = "sr", progress: bool = True, overwrite: bool = False, backend: str = "torch",
+                 onnx_path: str | None = None, dicom_output: bool = False):
         strategy = ThroughPlaneStrategy(scale, slice_axis, window, overlap, roi, sw_batch_size, progress)
         super().__init__(network, scale, inputs, output_dir, strategy, checkpoint, modality, normalizer_kwargs,
-                         bundle_name, bundle_version, device, output_postfix, progress, overwrite)
+                         bundle_name, bundle_version, device, output_postfix, progress, overwrite, backend,
+                         onnx_path, dicom_output)
         self.inferer = strategy.inferer
