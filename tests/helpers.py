@@ -7,6 +7,7 @@ the project's own store (``<repo>/mlruns``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,16 +178,58 @@ def train_tiny(bundle: str, datalist: Path, root: Path, **extra: Any) -> Trained
     return TrainedBundle(bundle, root, datalist.parent, output_dir, ckpt_dir, env, proc, overrides)
 
 
-def torchrun_cmd(bundle: str, configs: Sequence[str], nproc: int = 2, **overrides: Any) -> list[str]:
-    """``torchrun --nproc_per_node=N --master_port=<free> -m monai.bundle run ...``: a free port per call, so that
-    concurrent test processes never meet on the same rendezvous."""
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(bundle: str, configs: Sequence[str], nproc: int = 2, **overrides: Any) -> list[str]:
+    """``torchrun --nproc_per_node=N --master_port=<free> -m monai.bundle run ...``: a free port per call, so that
+    concurrent test processes never meet on the same rendezvous."""
+    return [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
             *bundle_cmd("run", bundle, configs, **overrides)[1:]]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifact_args: Sequence[str], log_path: Path, timeout: float = 120):
+    """``mlflow server`` on 127.0.0.1 at a free port over ``backend_store_uri`` (``artifact_args``: its artifact
+    options), output to ``log_path``; yields the URL once ``/health`` answers; stopped (terminate, then kill) on exit.
+    Fails the test with the server's log when it does not come up within ``timeout`` seconds."""
+    import urllib.request
+
+    import pytest
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri, *artifact_args,
+             "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail(f"mlflow server did not start:\n{Path(log_path).read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def kill_after_first_checkpoint(cmd: Sequence[str], env: dict[str, str], ckpt_dir: Path, log_path: Path,

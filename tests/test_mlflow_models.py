@@ -7,29 +7,17 @@ compare --registry``, ``medsr publish --model models:/...``), and ``medsr ui --o
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import medsr_monai.tracking  # noqa: F401 - imported at collection: its first import starts a process (uname)
 
-from helpers import PYTHON, REPO, bundle_cmd, bundle_env, run, tail
+from helpers import PYTHON, REPO, bundle_cmd, bundle_env, mlflow_server, run, tail
 
 BUNDLE = "srcnn"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,35 +32,9 @@ def server(trained, tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 over the trained bundle's temporary sqlite store (its artifacts are in the
     same temporary folder; new artifacts go to a temporary artifact root). Yields the server URL."""
     tmp = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", trained.uri, "--default-artifact-root",
-         (tmp / "artifacts").as_uri(), "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_server(trained.uri, ["--default-artifact-root", (tmp / "artifacts").as_uri(), "--no-serve-artifacts"],
+                       tmp / "server.log", timeout=90) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PYTHON, REPO, bundle_cmd, bundle_env, crop_nifti, expr, run, tail
+from helpers import PYTHON, REPO, bundle_env, crop_nifti, expr, run, tail
 
 pytest.importorskip("onnxruntime")
 

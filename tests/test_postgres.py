@@ -17,16 +17,14 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import PYTHON, REPO, TINY_TRAIN, bundle_env, run, tail
+from helpers import PYTHON, REPO, TINY_TRAIN, bundle_env, free_port, mlflow_server, run, tail
 
 optuna = pytest.importorskip("optuna")
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary (the test extra) is not installed")
@@ -40,17 +38,11 @@ def _pg_bin() -> Path | None:
     return Path(which).parent if which else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Postgres:
     """A temporary PostgreSQL cluster on 127.0.0.1 (trust authentication: loopback only, removed afterwards)."""
 
     def __init__(self, bindir: Path, root: Path):
-        self.bindir, self.port, self.user = bindir, _free_port(), "medsr"
+        self.bindir, self.port, self.user = bindir, free_port(), "medsr"
         self.owner = None
         if os.geteuid() == 0:  # postgres refuses root: the cluster belongs to an unprivileged system user
             for name in ("postgres", "nobody"):
@@ -126,43 +118,16 @@ def postgres(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(postgres, tmp_path):
+def server(postgres, tmp_path):
     """``mlflow server`` on 127.0.0.1: runs in PostgreSQL, artifacts served (uploaded over HTTP) into a folder."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     artifacts = tmp_path / "mlflow-artifacts"
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow"),
-         "--artifacts-destination", artifacts.as_uri(), "--serve-artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'mlflow-server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with mlflow_server(postgres.url("mlflow"), ["--artifacts-destination", artifacts.as_uri(), "--serve-artifacts"],
+                       tmp_path / "mlflow-server.log", timeout=180) as url:
         yield {"url": url, "artifacts": artifacts}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.slow
-def test_tune_with_two_workers_on_postgres_and_an_mlflow_server(postgres, mlflow_server, tiny_datalist, tmp_path):
+def test_tune_with_two_workers_on_postgres_and_an_mlflow_server(postgres, server, tiny_datalist, tmp_path):
     from mlflow import MlflowClient
 
     fixed = {k: v for k, v in TINY_TRAIN.items() if k != "batch_size"}
@@ -174,11 +139,11 @@ def test_tune_with_two_workers_on_postgres_and_an_mlflow_server(postgres, mlflow
         "fixed": fixed}))
     trials, study = 4, "pg"
     storage = postgres.url("optuna")
-    env = bundle_env(tmp_path, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=mlflow_server["url"])
+    env = bundle_env(tmp_path, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=server["url"])
     t0 = time.monotonic()
     proc = run([PYTHON, "-m", "medsr_monai", "tune", "--bundle", str(REPO / "bundles" / "srcnn"), "--trials",
                 str(trials), "--study", study, "--workers", "2", "--pruner", "none", "--storage", storage,
-                "--tracking-uri", mlflow_server["url"], "--space", str(space),
+                "--tracking-uri", server["url"], "--space", str(space),
                 "--set", f"dataset_dir={tiny_datalist.parent}", "--output", str(tmp_path / "tune"),
                 "--best-dir", str(tmp_path / "best")], env, timeout=900)
     assert proc.returncode == 0, tail(proc.stdout)
@@ -196,7 +161,7 @@ def test_tune_with_two_workers_on_postgres_and_an_mlflow_server(postgres, mlflow
     assert not (tmp_path / "tune" / "optuna.db").exists() and not list(tmp_path.rglob("optuna.db"))
 
     # the runs are on the MLflow server (in its PostgreSQL database): one parent, one nested run per trial
-    client = MlflowClient(mlflow_server["url"])
+    client = MlflowClient(server["url"])
     exp = client.get_experiment_by_name("srcnn-tune")
     assert exp is not None
     runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("medsr.tune_study") == study]
@@ -218,7 +183,7 @@ def test_tune_with_two_workers_on_postgres_and_an_mlflow_server(postgres, mlflow
         assert cur.fetchone()[0] >= trials + 1
 
     # the artifacts went over HTTP into the server's artifact destination, one folder per run
-    dest = mlflow_server["artifacts"]
+    dest = server["artifacts"]
     for r in [parent, *children]:
         listed = client.list_artifacts(r.info.run_id)
         assert listed, f"run {r.info.run_id} has no artifacts"
