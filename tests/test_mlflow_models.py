@@ -47,7 +47,10 @@ def client(server):
 @pytest.fixture(scope="module")
 def train_run(client):
     exp = client.get_experiment_by_name(BUNDLE)
-    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
+    # the shared fixture's training: other tests add evaluation runs to the same store before this module runs
+    runs = [r for r in runs if r.data.tags.get("medsr.stage") != "evaluate"]
     assert runs, "the tiny training recorded no finished run"
     return runs[0]
 
