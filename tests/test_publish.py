@@ -82,7 +82,10 @@ def test_publish_writes_checksums_and_training_provenance(published):
     # the overlays name shared bases outside the bundle: the archive carries the flat configs they render to
     assert any(f.startswith("overlays/") for f in expected)
     expected = {f: h for f, h in expected.items() if not f.startswith("overlays/")}
-    assert manifest["files"] == expected  # every other file, with its sha256
+    # publish adds the ONNX export of the learned network and its verification record (tests/test_onnx.py)
+    onnx = {f for f in manifest["files"] if f.endswith((".onnx", ".onnx.json"))}
+    assert onnx == {"models/model.onnx", "models/model.onnx.json"}
+    assert {f: h for f, h in manifest["files"].items() if f not in onnx} == expected  # every other file, its sha256
     for required in ("configs/metadata.json", "LICENSE", "models/model.pt", "docs/README.md", "docs/data_license.txt"):
         assert required in manifest["files"]
 
