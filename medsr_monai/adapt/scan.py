@@ -98,7 +98,7 @@ def load_scan(src: Path, modality: str = "auto", normalizer_kwargs: dict | None 
     from medsr_monai.data.checks import check_array
     from medsr_monai.data.modality import volume_modality
     from medsr_monai.data.slices import slice_axis
-    from medsr_monai.transforms import ModalityNormalize
+    from medsr_monai.workflows.inference import normalise_input
 
     data, affine, meta = load_volume(src)
     check_array(src, data, affine, allow_single_slice=False, allow_complex=complex_input)
@@ -111,12 +111,7 @@ def load_scan(src: Path, modality: str = "auto", normalizer_kwargs: dict | None 
     vol = torch.as_tensor((np.abs(data) if is_complex else data).astype(np.float32))[None]
     dicom = meta.get("Modality", "").upper()
     modality = volume_modality(None, dicom if dicom in ("CT", "MR") else None, modality, min_value=float(vol.min()))
-    normalizer = ModalityNormalize(modality=modality, clip=False, **(normalizer_kwargs or {}))
-    x = torch.as_tensor(normalizer(vol)).float()
-    if is_complex:
-        lo, hi = normalizer.last_range
-        z = (data.astype(np.complex64) - lo) / (hi - lo)
-        x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
+    x, _, _ = normalise_input(data, vol, modality, normalizer_kwargs)
     spacing = [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
     axis = (slice_axis(data.shape, spacing) if slice_axis_setting in (None, "auto", "None")
             else int(slice_axis_setting))

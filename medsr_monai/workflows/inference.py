@@ -245,6 +245,23 @@ def write_output_volume(y: np.ndarray, affine: np.ndarray, like_dtype: np.dtype,
     return out
 
 
+def normalise_input(data: np.ndarray, vol: torch.Tensor, modality: str, normalizer_kwargs: dict | None = None
+                    ) -> tuple[torch.Tensor, float, float]:
+    """What a model is given for a volume: ``vol`` (``(1, X, Y, Z)``, the magnitude of complex ``data``) normalised
+    without clipping by :class:`~medsr_monai.transforms.ModalityNormalize`, and that map's ``(lo, hi)``. Complex
+    ``data`` gets the same linear map, ``(z - lo) / (hi - lo)``, as ``(2, X, Y, Z)`` (real, imaginary). Shared by
+    the inference runner and scan-specific adaptation, so both see the same input."""
+    from medsr_monai.transforms import ModalityNormalize
+
+    normalizer = ModalityNormalize(modality=modality, clip=False, **(normalizer_kwargs or {}))
+    x = torch.as_tensor(normalizer(vol)).float()
+    lo, hi = normalizer.last_range
+    if np.iscomplexobj(data):
+        z = (data.astype(np.complex64) - lo) / (hi - lo)
+        x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
+    return x, lo, hi
+
+
 def sr_affine(affine: np.ndarray, scale: int, slice_dim: int) -> np.ndarray:
     """Affine of the SR output: in-plane voxel vectors divided by ``scale``, origin kept (corner grid)."""
     out = np.array(affine, dtype=np.float64, copy=True)
@@ -423,7 +440,7 @@ class VolumeRunner:
         from medsr_monai.data import load_volume
         from medsr_monai.data.checks import VolumeError, check_array
         from medsr_monai.data.modality import volume_modality
-        from medsr_monai.transforms import ModalityNormalize, denormalize
+        from medsr_monai.transforms import denormalize
 
         src, strategy, takes_complex = Path(item["image"]), self.strategy, self.takes_complex
         data, affine_in, meta = load_volume(src)  # NIfTI, NRRD or a DICOM series; errors name the file
@@ -440,12 +457,7 @@ class VolumeRunner:
         dicom = meta.get("Modality", "").upper()
         modality = volume_modality(item.get("modality"), dicom if dicom in ("CT", "MR") else None, self.modality,
                                    min_value=float(vol.min()))
-        normalizer = ModalityNormalize(modality=modality, clip=False, **self.normalizer_kwargs)
-        x = torch.as_tensor(normalizer(vol))
-        lo, hi = normalizer.last_range
-        if is_complex:  # the same linear map on the complex image: (z - lo) / (hi - lo), as (real, imaginary)
-            z = (data.astype(np.complex64) - lo) / (hi - lo)
-            x = torch.stack([torch.as_tensor(z.real.copy()), torch.as_tensor(z.imag.copy())]).float()
+        x, lo, hi = normalise_input(data, vol, modality, self.normalizer_kwargs)
         spacing = [float(v) for v in np.linalg.norm(np.asarray(affine_in)[:3, :3], axis=0)]
         axis = strategy.axis(src, data.shape, spacing)
         memory = strategy.memory(self.network, data.shape, axis)
