@@ -526,6 +526,34 @@ def format_versions(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
 
+@contextlib.contextmanager
+def _mlflow_uris(uri: str):
+    """MLflow's tracking and registry URIs set to ``uri`` for the block, then exactly as they were.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_REGISTRY_URI`` into ``os.environ``; left set, a caller in the same process (``medsr publish``, a
+    notebook) would send its later runs to this store. MLflow keeps the values in module globals and offers no
+    public way to unset them, hence the private names.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        for k, v in saved[2].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def download_registered_bundle(model_uri: str, dest: str | os.PathLike, tracking_uri: str) -> tuple[Path, str | None]:
     """The bundle folder (configs + trained weights) inside a registered (or logged) pyfunc model, downloaded to
     ``dest``, and the id of the run that trained it.
@@ -541,11 +569,10 @@ def download_registered_bundle(model_uri: str, dest: str | os.PathLike, tracking
     import mlflow
     from mlflow.artifacts import download_artifacts
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracking_uri))
-    found = [p.parent for p in local.rglob("mlflow_settings.json")]
-    if not found:
-        raise ValueError(f"{model_uri}: not a medsr bundle model (no bundle with mlflow_settings.json in it)")
-    info = mlflow.models.get_model_info(model_uri)
+    with _mlflow_uris(tracking_uri):
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracking_uri))
+        found = [p.parent for p in local.rglob("mlflow_settings.json")]
+        if not found:
+            raise ValueError(f"{model_uri}: not a medsr bundle model (no bundle with mlflow_settings.json in it)")
+        info = mlflow.models.get_model_info(model_uri)
     return found[0], info.run_id
