@@ -530,6 +530,60 @@ def _engine(tmp_path, time_limit=None, **resume_kw):
     return engine, resume
 
 
+def test_a_resumed_run_replaces_the_best_weights_only_with_better_ones(tmp_path):
+    """MONAI's key-metric ``CheckpointSaver`` (the bundles' ``best_checkpoint``) starts a resumed run with an empty
+    record, so the first validation after a resume overwrote ``model.pt`` with whatever it scored. The bundles hand
+    it to ``ResumeHandler(best_savers=...)``: its record travels in each epoch's checkpoint (written after that
+    epoch's validation), and after the resume a worse epoch leaves the best weights alone, a better one replaces
+    them."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import CheckpointSaver
+
+    from medsr_monai.workflows import ResumeHandler
+
+    scores = {1: 30.0, 2: 33.0, 3: 31.0, 4: 32.0, 5: 34.0}
+
+    def train(max_epochs: int, stop_after: int | None = None) -> torch.nn.Module:
+        net = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+        def step(engine, batch):
+            opt.zero_grad()
+            net(torch.ones(1, 2)).pow(2).sum().backward()
+            opt.step()
+
+        engine = Engine(step)
+        best = CheckpointSaver(str(tmp_path / "models"), {"model": net}, save_key_metric=True,
+                               key_metric_filename="model.pt", key_metric_name="val_psnr")
+        ResumeHandler(str(tmp_path / "checkpoints"), {"network": net, "optimizer": opt},
+                      best_savers={"best_checkpoint": best}).attach(engine)  # first, as in train.json
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def validate(e):  # the bundles' ValidationHandler: scores the epoch, then the key-metric saver runs
+            e.state.metrics["val_psnr"] = scores[e.state.epoch]
+            if e.state.epoch == stop_after:
+                e.terminate()  # killed after epoch 3's checkpoint (no COMPLETED marker: resumable)
+
+        best.attach(engine)
+        engine.run(range(2), max_epochs=max_epochs)
+        return net
+
+    def saved() -> dict:
+        return torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+
+    first = train(5, stop_after=3)
+    assert not (tmp_path / "checkpoints" / "COMPLETED").exists()
+    best_of_killed = saved()  # epoch 2's weights (33 dB), not epoch 3's
+    assert not torch.equal(best_of_killed["weight"], first.weight.detach())
+    resumed = torch.load(tmp_path / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=True)
+    assert [s[0] for s in resumed["best_saver_best_checkpoint"]["_saved"]] == [33.0]
+
+    train(4)  # resumes at epoch 4: 32 dB < 33 dB, the killed run's best weights stay
+    assert all(torch.equal(saved()[k], best_of_killed[k]) for k in best_of_killed)
+    net = train(5)  # the run goes on to 5 (34 dB): replaced, by epoch 5's weights
+    assert torch.equal(saved()["weight"], net.weight.detach())
+
+
 def _ckpts(tmp_path):
     return sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("checkpoint_*"))
 

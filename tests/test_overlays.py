@@ -36,7 +36,8 @@ def test_rendered_config_is_standalone_and_names_its_sources():
     assert srcnn["train"] == cfg["train"] and srcnn["validate"] == cfg["validate"]
     # evaluate.json is applied over train.json at run time: its nested keys stay as written
     ev = json.loads((REPO / "bundles" / "srgan" / "configs" / "evaluate.json").read_text())
-    assert list(ev["validate#handlers"]) == ["checkpoint_loader", "auxiliary", "metrics", "grids", "stats", "mlflow"]
+    assert list(ev["validate#handlers"]) == ["best_checkpoint", "checkpoint_loader", "auxiliary", "metrics", "grids",
+                                            "stats", "mlflow"]
     assert ev["validate#handlers"]["metrics"]["baseline_keys"] == ["baseline", "bicubic", "srresnet"]
 
 

@@ -153,6 +153,27 @@ def checkpoint_problem(path: Path) -> str | None:
     return f"corrupt member {bad!r} (CRC mismatch)" if bad else None
 
 
+class KeyMetricRecord:
+    """The best-score record of a MONAI key-metric ``CheckpointSaver`` as a ``state_dict`` pair, so that it can
+    be saved in and restored from a resumable checkpoint.
+
+    MONAI's saver has ``load_state_dict`` but no ``state_dict``; its record lives in the Ignite ``Checkpoint``
+    it builds for the key metric (saving the record *in* ``model.pt`` with ``key_metric_save_state`` would change
+    the shipped weight files' contents).
+    """
+
+    def __init__(self, saver):
+        self.saver = saver
+
+    def state_dict(self) -> dict:
+        ckpt = self.saver._key_metric_checkpoint  # private: the only holder of the record
+        return ckpt.state_dict() if ckpt is not None else {"_saved": []}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.saver._key_metric_checkpoint is not None:
+            self.saver.load_state_dict(state)
+
+
 class ResumeHandler:
     """Save resumable checkpoints every epoch and resume from the newest good one if the last run was cut off.
 
@@ -179,16 +200,29 @@ class ResumeHandler:
         save_interval: epochs between checkpoints; ``n_saved`` of them are kept.
         weights_dir: the run's ``ckpt_dir`` (where ``model.pt`` goes), protected as above; ``None``: not checked.
         overwrite_weights: let a new run replace the weights in ``weights_dir``.
+        best_savers: the validation's key-metric ``CheckpointSaver`` (s) that write the best ``model.pt``, by name:
+            their record of the best score so far travels in the checkpoint, so that a resumed run replaces
+            ``model.pt`` only with a better epoch (MONAI's saver starts a resumed run with an empty record, and
+            its first validation would overwrite the best weights of the killed run with worse ones).
+
+    Example::
+
+        "resume": {"_target_": "medsr_monai.workflows.ResumeHandler", "ckpt_dir": "$@output_dir + '/checkpoints'",
+                   "objects": {"network": "@network", "optimizer": "@optimizer"},
+                   "best_savers": {"best_checkpoint": "@validate#handlers#best_checkpoint"}}
     """
 
     def __init__(self, ckpt_dir: str, objects: dict, enabled: bool = True, save_interval: int = 1, n_saved: int = 2,
-                 weights_dir: str | None = None, overwrite_weights: bool = False):
+                 weights_dir: str | None = None, overwrite_weights: bool = False, best_savers: dict | None = None):
         self.ckpt_dir, self.objects = Path(ckpt_dir), dict(objects)
+        # (a saver an overlay removed, ``null``, is skipped)
+        self.objects.update({f"best_saver_{k}": KeyMetricRecord(s) for k, s in (best_savers or {}).items() if s})
         self.enabled = as_bool(enabled, "resume")  # `--resume false` arrives as the string 'false'
         self.save_interval, self.n_saved = save_interval, max(1, int(n_saved))
         self.weights_dir = Path(weights_dir) if weights_dir else None
         self.overwrite_weights = as_bool(overwrite_weights, "overwrite_weights")
         self.resumed_from: Path | None = None
+        self._saver_attached = False
         self.set_aside: list[tuple[Path, str]] = []  # (corrupt checkpoint, why)
 
     def latest(self) -> Path | None:
@@ -225,13 +259,16 @@ class ResumeHandler:
                 + ("" if self.enabled else ", or --resume true to continue a run that was stopped"))
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointSaver
-
         objects = {**self.objects, "trainer": engine}
         marker = self.ckpt_dir / "COMPLETED"
         ckpt = self.latest() if self.enabled else None
         if ckpt is not None:
             logger.warning("resuming from %s", ckpt)
+            saved = torch.load(str(ckpt), map_location="cpu", weights_only=True).keys()
+            for name in [k for k in objects if k.startswith("best_saver_") and k not in saved]:
+                # a checkpoint written before the record was saved: that saver starts with an empty record
+                logger.warning("%s holds no %s record: the best-score record restarts with this run", ckpt, name)
+                objects.pop(name)
             CheckpointLoader(load_path=str(ckpt), load_dict=objects, map_location="cpu").attach(engine)
             self.resumed_from = ckpt
         else:
@@ -251,15 +288,25 @@ class ResumeHandler:
             # which creates a process group: a collective call. Do it on every rank now, or rank 0 waits forever.
             idist.sync()
         if _rank() == 0:  # under DistributedDataParallel every rank resumes, only rank 0 writes
-            saver = CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
-                                    n_saved=self.n_saved, epoch_level=True)
-            # MONAI writes checkpoints in place (atomic=False, for group-readable files): a kill during the write
-            # would leave a truncated newest checkpoint that the next run cannot resume from; write to a temporary
-            # file in the same folder and rename it instead, then make it group/other-readable like MONAI's
-            saver._interval_checkpoint.save_handler = _AtomicDiskSaver(str(self.ckpt_dir))
-            saver.attach(engine)
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)  # after the saver (attached first)
+            # attached when the run starts, i.e. after every handler of the config: each epoch's checkpoint is then
+            # written after that epoch's validation and holds its best-score record
+            engine.add_event_handler(Events.STARTED, self._attach_saver, objects)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _attach_saver(self, engine: Engine, objects: dict) -> None:
+        from monai.handlers import CheckpointSaver
+
+        if self._saver_attached:  # a second run() of the same engine
+            return
+        self._saver_attached = True
+        saver = CheckpointSaver(save_dir=str(self.ckpt_dir), save_dict=objects, save_interval=self.save_interval,
+                                n_saved=self.n_saved, epoch_level=True)
+        # MONAI writes checkpoints in place (atomic=False, for group-readable files): a kill during the write
+        # would leave a truncated newest checkpoint that the next run cannot resume from; write to a temporary
+        # file in the same folder and rename it instead, then make it group/other-readable like MONAI's
+        saver._interval_checkpoint.save_handler = _AtomicDiskSaver(str(self.ckpt_dir))
+        saver.attach(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)  # after the saver (attached first)
 
     def _prune(self, engine: Engine) -> None:
         """Keep the newest ``n_saved`` checkpoints: the saver only rotates its own, so the ones a resumed run
