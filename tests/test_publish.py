@@ -52,8 +52,11 @@ def published(trained_bundle, sample_dir, tmp_path_factory):
     scan = crop_nifti(sample_dir / "nifti" / "brain2.nii.gz", root / "scan" / "brain2.nii.gz", (64, 64, 4))
     env = bundle_env(root, MLFLOW_TRACKING_URI=tb.uri)
     dist = root / "dist"
-    proc = _medsr("publish", src, "--out", dist, "--sample", scan, env=env)
+    scratch = root / "tmp"  # publish's own temporary folder (the ONNX export): checked empty afterwards
+    scratch.mkdir()
+    proc = _medsr("publish", src, "--out", dist, "--sample", scan, env={**env, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, tail(proc.stdout)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("medsr-")], "publish left its temporary files"
     return {"tb": tb, "root": root, "src": src, "scan": scan, "env": env, "dist": dist, "proc": proc,
             "zip": dist / f"{NAME}_{VERSION}.zip"}
 
@@ -218,13 +221,17 @@ def test_publish_from_the_provenance_sidecar_without_a_store(published, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- collaborator
-def _infer(bundle: Path, scan: Path, out: Path, env, cwd: Path) -> np.ndarray:
+def _infer(bundle: Path, scan: Path, out: Path, env, cwd: Path, **extra) -> tuple[np.ndarray, dict]:
+    """The bundle's ``inference.json`` on ``scan``: the output volume and its JSON sidecar."""
     cmd = [PYTHON, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
            "--bundle_root", str(bundle), "--input", expr(scan), "--output_dir", expr(out)]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
     proc = run(cmd, env, cwd=cwd)
     assert proc.returncode == 0, tail(proc.stdout)
     (nii,) = out.glob("*.nii.gz")
-    return np.asanyarray(nib.load(str(nii)).dataobj)
+    side = json.loads(nii.with_name(nii.name.replace(".nii.gz", ".json")).read_text())
+    return np.asarray(nib.load(str(nii)).dataobj, dtype=np.float64), side
 
 
 @pytest.mark.slow
@@ -248,11 +255,27 @@ def test_collaborator_unpacks_and_runs_inference(published, tmp_path, monkeypatc
 
     collab = tmp_path / "collab"
     collab.mkdir()
-    y_unpacked = _infer(unpacked, published["scan"], tmp_path / "out_unpacked", env, cwd=collab)
-    y_source = _infer(published["src"], published["scan"], tmp_path / "out_source", env, cwd=collab)
+    y_unpacked, s_torch = _infer(unpacked, published["scan"], tmp_path / "out_unpacked", env, cwd=collab)
+    y_source, _ = _infer(published["src"], published["scan"], tmp_path / "out_source", env, cwd=collab)
     assert y_unpacked.shape == (128, 128, 4)
     np.testing.assert_array_equal(y_unpacked, y_source)
     assert not (collab / "mlruns").exists()
+
+    # the archive's verified ONNX export runs the same inference with onnxruntime (backend: onnx), within the
+    # tolerance publish verified it to (on [0, 1]-normalised intensities; the outputs are in the scan's units)
+    from medsr_monai.publish.onnx_export import TOLERANCE
+
+    manifest = _manifest(published["zip"])
+    (variant,) = manifest["onnx"]["variants"]
+    side = json.loads((unpacked / "models" / "model.onnx.json").read_text())
+    assert variant["exported"] and variant["passed"] and variant["tolerance"] == TOLERANCE == side["tolerance"]
+    assert variant["opset"] == manifest["onnx"]["opset"] and "physics" in variant["in_pytorch"]
+    y_onnx, s_onnx = _infer(unpacked, published["scan"], tmp_path / "out_onnx", env, cwd=collab, backend="onnx")
+    assert s_torch["backend"] == "torch" and s_onnx["backend"] == "onnx"
+    assert s_onnx["onnx_path"].endswith("models/model.onnx") and len(s_onnx["onnx_sha256"]) == 64
+    assert y_onnx.shape == y_unpacked.shape
+    lo, hi = s_torch["normalization_range"]
+    assert np.abs(y_onnx - y_unpacked).max() <= TOLERANCE * (hi - lo)
 
     # monai.bundle.load finds the bundle in bundle_dir and downloads nothing (source is used only if missing)
     import monai.bundle

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -44,33 +43,36 @@ def write_archive(bundle: Path, name: str, version: str, out: Path, provenance: 
             verify it with ONNX Runtime on it (:mod:`.onnx_export`); the result (files, tolerance, differences,
             or why a network was not exported) goes into the manifest's ``"onnx"`` entry. ``None``: no ONNX.
     """
+    import tempfile
+
     from .onnx_export import export_bundle_variants
 
-    files = bundle_files(bundle)
-    sources = {f: bundle / f for f in files}
-    onnx_record = None
-    if onnx_sample is not None:
-        # ONNX files are made from these weights now; any already in the bundle (e.g. a fetched archive) go
-        extra, onnx_record = export_bundle_variants(bundle, Path(onnx_sample), log)
-        sources = {f: p for f, p in sources.items() if not (f.startswith("models/") and ".onnx" in f)}
-        sources.update(extra)
-    files = sorted(sources)
-    # sizes let fetch-bundle compare every member's declared size before it extracts a byte (zip bombs)
-    manifest = {"name": name, "version": version, "files": {f: sha256(sources[f]) for f in files},
-                "sizes": {f: sources[f].stat().st_size for f in files}, "provenance": provenance}
-    if onnx_record is not None:
-        manifest["onnx"] = onnx_record
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"{name}_{version}.zip"
-    part = dest.with_suffix(".zip.part")
-    try:
-        with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for f in files:
-                zf.write(sources[f], f"{name}/{f}")
-            zf.writestr(f"{name}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-        for p in {sources[f].parent for f in files if not sources[f].is_relative_to(bundle)}:
-            shutil.rmtree(p, ignore_errors=True)  # the exported ONNX files' temporary folder
+    # the ONNX files live in a temporary folder removed whatever happens (also when nothing exported, or the
+    # archive fails half-way)
+    with tempfile.TemporaryDirectory(prefix="medsr-onnx-") as tmp:
+        files = bundle_files(bundle)
+        sources = {f: bundle / f for f in files}
+        onnx_record = None
+        if onnx_sample is not None:
+            # ONNX files are made from these weights now; any already in the bundle (e.g. a fetched archive) go
+            extra, onnx_record = export_bundle_variants(bundle, Path(onnx_sample), log, workdir=Path(tmp))
+            sources = {f: p for f, p in sources.items() if not (f.startswith("models/") and ".onnx" in f)}
+            sources.update(extra)
+        files = sorted(sources)
+        # sizes let fetch-bundle compare every member's declared size before it extracts a byte (zip bombs)
+        manifest = {"name": name, "version": version, "files": {f: sha256(sources[f]) for f in files},
+                    "sizes": {f: sources[f].stat().st_size for f in files}, "provenance": provenance}
+        if onnx_record is not None:
+            manifest["onnx"] = onnx_record
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / f"{name}_{version}.zip"
+        part = dest.with_suffix(".zip.part")
+        try:
+            with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for f in files:
+                    zf.write(sources[f], f"{name}/{f}")
+                zf.writestr(f"{name}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
     return dest

@@ -205,7 +205,6 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, config: str
     that does not export: ``{"exported": false, "reason": ...}`` instead."""
     from monai.bundle import ConfigParser
 
-    from medsr_monai.data.datalist import file_sha256
     from medsr_monai.workflows.inference import load_checkpoint
 
     from .checks import physics_input
@@ -247,11 +246,13 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, config: str
                                                    f"{rec['tolerance']}: {rec['max_abs_diff']}"})}
 
 
-def export_bundle_variants(bundle: Path, sample: Path | None, log=print) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Export every inference config's weights of ``bundle`` (``models/<ckpt stem>.onnx``) into a temporary folder
-    kept for the archive. Returns ``({archive path: file}, manifest record)``; every variant that does not export is
-    named on the console and in the record."""
-    tmp = Path(tempfile.mkdtemp(prefix="medsr-onnx-"))
+def export_bundle_variants(bundle: Path, sample: Path | None, log=print, workdir: Path | None = None
+                           ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Export every inference config's weights of ``bundle`` (``models/<ckpt stem>.onnx``) into ``workdir`` (the
+    caller's folder, which it removes; ``None``: a new temporary folder the caller owns). Returns ``({archive path:
+    file}, manifest record)``; every variant that does not export is named on the console and in the record."""
+    tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="medsr-onnx-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     records = []
     seen = set()
