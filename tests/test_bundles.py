@@ -285,13 +285,16 @@ def test_verify_metadata_rejects_missing_network_data_format(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- multi-process
-def test_sr2d_bundles_share_one_multi_gpu_config():
-    """srcnn and edsr's multi_gpu_train.json differ only in the line naming their overlay, so the one torchrun run
-    below (edsr) covers both (srgan's and cyclegan's GAN trainers have their own torchrun tests)."""
-    rendered = {b: json.loads(config(b, "multi_gpu_train").read_text()) for b in ("srcnn", "edsr")}
+def test_supervised_bundles_share_one_multi_gpu_config():
+    """srcnn, edsr, seqsr_lstm and unet's multi_gpu_train.json differ only in the line naming their overlay (one
+    base over MONAI's SupervisedTrainer), so the torchrun runs of edsr (below) and of seqsr_lstm (its volume
+    windows, tests/test_seqsr.py) cover all four; srgan's and cyclegan's GAN trainers have their own torchrun
+    tests."""
+    rendered = {b: json.loads(config(b, "multi_gpu_train").read_text()) for b in ("srcnn", "edsr", "seqsr_lstm",
+                                                                                     "unet")}
     for cfg in rendered.values():
         cfg.pop("_generated_")
-    assert rendered["srcnn"] == rendered["edsr"]
+    assert all(cfg == rendered["edsr"] for cfg in rendered.values())
 
 
 @pytest.mark.parametrize("bundle", ["srcnn", "seqsr_lstm", "unet"])

@@ -22,10 +22,12 @@ def test_demo_table_and_files(sample_dir, tmp_path):
     proj.mkdir()
     env = bundle_env(tmp_path)
     env.pop("MLFLOW_TRACKING_URI")  # the demo uses the project store
+    # fewer evaluated slices per volume and fine-tuning slices than the README's run: the same code paths, cheaper
     proc = subprocess.run([PYTHON, "-m", "medsr_monai", "demo", "--bundles", "srcnn", "--finetune", "srcnn",
                            "--project-dir", str(proj), "--bundles-dir", str(REPO / "bundles"),
-                           "--samples", str(sample_dir)], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
+                           "--samples", str(sample_dir), "--eval-slices", "6", "--finetune-slices", "2"],
+                          env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     demo = proj / "experiments" / "runs" / "demo"
     # the table is computed from the evaluation's per-slice file: per subject, then the mean over subjects

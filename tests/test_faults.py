@@ -736,6 +736,18 @@ def test_index_and_inference_write_no_patient_identifier(tmp_path, capsys):
     assert hits == [], hits[:20]
     assert _find_identifiers(out, range(3))  # (the check finds them where they are: the private mapping)
 
+    # with DICOM output on (the bundles' inference.json default) the derived series must stay in the patient's
+    # study, so it carries the patient's header: identifiers inside its .dcm files only, never in a file or folder
+    # name, the NIfTI output or its sidecar
+    inf_dicom = tmp_path / "inference_dicom"
+    VolumeSuperResolver(_srcnn(), 2, [str(export / "case0")], str(inf_dicom), roi_size=(16, 16), progress=False,
+                        dicom_output=True).run()
+    dcm = sorted(inf_dicom.rglob("*.dcm"))
+    assert dcm and all(p.parent.name.endswith("_dicom") for p in dcm)
+    hits = _find_identifiers(inf_dicom, range(3))
+    assert hits and {h.split(": ")[0] for h in hits} <= {str(p) for p in dcm}, hits[:20]
+    assert not [p for p in inf_dicom.rglob("*") for v in _values(0) if v in str(p.relative_to(inf_dicom))]
+
 
 # ----------------------------------------------------------------------------------------------- forged headers
 def _forged_nifti(path: Path, shape, dtype=np.int16, payload: bytes = b"") -> Path:

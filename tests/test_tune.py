@@ -126,25 +126,35 @@ def test_bad_space_and_objective_are_named(tmp_path):
         obj.value({"val_psnr": 30.0})
 
 
+def _tune_in_process(cmd: list[str], capsys) -> tuple[int, str]:
+    """``medsr tune`` called in this process (for refusals that come before any trial): exit code, stdout + stderr."""
+    from medsr_monai.cli import main
+
+    code = main(cmd[cmd.index("tune"):])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 @pytest.mark.slow
-def test_cli_refuses_bad_storage_missing_ids_and_unknown_metric(tmp_path, tiny_datalist):
+def test_cli_refuses_bad_storage_missing_ids_and_unknown_metric(tmp_path, tiny_datalist, capsys, monkeypatch):
     env = bundle_env(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     tiny_space(tmp_path)
     # a server storage that cannot be opened: named, password masked, nothing started
     cmd = tune_cmd(tmp_path, tiny_datalist, "s", 1)
     cmd[cmd.index("--storage") + 1] = "postgresql://alice:secret@127.0.0.1:9/optuna"
-    proc = run(cmd, env, timeout=300)
-    assert proc.returncode == 2, tail(proc.stdout)
-    assert "postgresql://alice:***@127.0.0.1:9/optuna" in proc.stdout and "secret" not in proc.stdout
+    code, out = _tune_in_process(cmd, capsys)
+    assert code == 2, tail(out)
+    assert "postgresql://alice:***@127.0.0.1:9/optuna" in out and "secret" not in out
     # a space naming an id the bundle does not have
     tiny_space(tmp_path, params={"no_such_setting": {"type": "int", "low": 1, "high": 2}})
-    proc = run(tune_cmd(tmp_path, tiny_datalist, "s", 1), env, timeout=300)
-    assert proc.returncode == 2 and "no_such_setting" in proc.stdout and "space.json" in proc.stdout, tail(proc.stdout)
+    code, out = _tune_in_process(tune_cmd(tmp_path, tiny_datalist, "s", 1), capsys)
+    assert code == 2 and "no_such_setting" in out and "space.json" in out, tail(out)
     assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage(tmp_path))
     # --trials 0: refused before anything is created (no study, no WAITING trial, no parent run)
     tiny_space(tmp_path)
-    proc = run(tune_cmd(tmp_path, tiny_datalist, "zero", 0), env, timeout=300)
-    assert proc.returncode == 2 and "--trials 0" in proc.stdout, tail(proc.stdout)
+    code, out = _tune_in_process(tune_cmd(tmp_path, tiny_datalist, "zero", 0), capsys)
+    assert code == 2 and "--trials 0" in out, tail(out)
     assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage(tmp_path))
     assert runs_of(env["MLFLOW_TRACKING_URI"], "srcnn-tune") == []
     # an objective the evaluator does not report: the trial fails, the study stops and says what there is

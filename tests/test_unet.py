@@ -1,7 +1,8 @@
 """The U-Net restoration bundle (``bundles/unet``): the MRI undersampling physics (MONAI's fastMRI masks), the seeded
 low-dose CT simulation, the residual U-Net; and both tasks through the real ``python -m monai.bundle`` CLI on tiny real
-crops (MLflow run, evaluation table with the baselines, NIfTI inference, MONAI bundle tools, resume after SIGKILL,
-torchrun with gloo)."""
+crops (MLflow run, evaluation table with the baselines, NIfTI inference, MONAI bundle tools, resume after SIGKILL).
+Its multi_gpu_train.json is the supervised bundles' shared one, run under torchrun by edsr and seqsr_lstm
+(tests/test_bundles.py::test_supervised_bundles_share_one_multi_gpu_config)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from helpers import (
     REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state,
-    mlflow_client, network_from_config, run, runs_of, tail, torchrun_cmd,
+    mlflow_client, network_from_config, run, runs_of, tail,
 )
 from medsr_monai.networks import ResidualUNet
 from medsr_monai.physics import CartesianUndersampling
@@ -370,18 +371,3 @@ def test_non_finite_loss_stops_the_run_with_a_message(tiny_datalist, tmp_path):
     assert re.search(r"training loss became (nan|inf) at epoch 1", proc.stdout), tail(proc.stdout)
     (r,) = runs_of(env["MLFLOW_TRACKING_URI"], "unet_mri_recon")
     assert r.info.status == "FAILED" and "became" in r.data.tags["medsr.end_reason"]
-
-
-@pytest.mark.slow
-def test_multi_gpu_config_with_torchrun_gloo(tiny_datalist, tmp_path):
-    cmd = torchrun_cmd("unet", ["train", "multi_gpu_train"], **_paths(tmp_path, tiny_datalist),
-                       **{**TINY, "max_epochs": 1})
-    env = bundle_env(tmp_path, OMP_NUM_THREADS="1")
-    proc = run(cmd, env, timeout=400)
-    assert proc.returncode == 0, tail(proc.stdout, 6000)
-    network_from_config("unet", **NET).load_state_dict(load_state(tmp_path / "models" / "model.pt"))  # unwrapped
-    runs = runs_of(env["MLFLOW_TRACKING_URI"], "unet_mri_recon")
-    assert [r.info.status for r in runs] == ["FINISHED"]  # rank 0 tracks
-    r = runs[0]
-    n_slices, epoch_length = int(r.data.params["train_slices"]), int(r.data.params["epoch_length"])
-    assert epoch_length == math.ceil(math.ceil(n_slices / 2) / TINY["batch_size"])  # the slices split over 2 ranks
