@@ -1,19 +1,28 @@
 #!/usr/bin/env python
-"""Example Optuna study: tune SRCNN x2 on the sample scans with ``medsr tune``, then train the bundle's default
-config and the tuned one under the same final budget and compare them on the held-out patients.
+"""Example Optuna study: tune SRCNN x2 on the sample scans with ``medsr tune``, check on the held-out patients
+whether the validation objective ranks the trials the way the test patients do, and (when the study found a config
+other than the bundle's defaults) train the default and the tuned config under the same budget and compare them.
 
 Stages (all by default; ``--stages`` picks a subset):
 
 1. ``study``  ``medsr tune --bundle bundles/srcnn --trials N`` with the per-bundle space
               ``experiments/spaces/srcnn.json`` (batch {16,32,64,128}, Adam/RMSprop/SGD, lr 1e-5..1e-2 log,
-              schedule none/cosine/step/exponential; budget 3 epochs x 2 patches per slice; median pruner).
+              schedule none/cosine/step/exponential; budget 3 epochs x 2 patches from <= 24 slices per training
+              volume; median pruner; objective val_psnr on the validation patients of the sample split).
               Trial 0 is the bundle's own settings. Writes the study's best override
               ``experiments/best/srcnn/<study>.json`` (``experiments/best/srcnn/example-srcnn.json``; ``--best``
               for another file).
-2. ``final``  ``python -m monai.bundle run`` of ``train.json`` (default) and ``['train.json', best]`` (tuned),
-              both with ``max_epochs=--final-epochs`` and seed 0, in parallel (one thread each), then
-              ``evaluate.json`` of each on the held-out test patients (brain2 MR, lung2 CT).
-3. ``report`` ``experiments/results/tune_srcnn.md`` / ``.json``: the study's trials and the default-vs-tuned table.
+2. ``heldout`` ``evaluate.json`` of every complete trial's best checkpoint on the held-out test patients
+              (``--heldout-slices`` per volume, two at a time, one thread each): does a better validation score
+              mean a better test score?
+3. ``final``  only when the best trial is not the bundle's defaults: ``python -m monai.bundle run`` of
+              ``train.json`` (default) and ``['train.json', best]`` (tuned), from scratch, both with
+              ``max_train_seconds=--final-seconds`` (the same wall budget, one thread each, in parallel) and seed
+              0, then ``evaluate.json`` of each on the held-out test patients.
+4. ``report`` ``experiments/results/tune_srcnn.md`` / ``.json``: the study's trials, the held-out score of each
+              complete trial and the rank correlation of validation and test, and the default-vs-tuned table per
+              held-out subject against the matched baseline (k-space zero-fill for MR, cubic for CT) when ``final``
+              ran.
 
 Everything but the best-override file goes to ``experiments/runs/tune_example/`` (its own Optuna sqlite and MLflow
 store, outside git). Example::
@@ -35,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import REPO, expr_path, log, run_logged  # noqa: E402
 
 PY = sys.executable
-STAGES = ("study", "final", "report")
+STAGES = ("study", "heldout", "final", "report")
 
 
 def study(args, runs: Path, env: dict[str, str]) -> None:
@@ -53,8 +62,8 @@ def _train_eval(name: str, configs: list[str], args, runs: Path, env: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     common = ["--bundle_root", "bundles/srcnn", "--output_dir", expr_path(out), "--ckpt_dir", expr_path(out / "models")]
     cfg = "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    train = [PY, "-m", "monai.bundle", "run", "--config_file", cfg, *common, "--max_epochs", str(args.final_epochs),
-             "--resume", "false"]
+    train = [PY, "-m", "monai.bundle", "run", "--config_file", cfg, *common, "--max_epochs", "1000",
+             "--max_train_seconds", str(args.final_seconds), "--resume", "false"]
     ev_cfg = "[" + ",".join(f"'{c}'" for c in configs + ["bundles/srcnn/configs/evaluate.json"]) + "]"
     evaluate = [PY, "-m", "monai.bundle", "run", "--config_file", ev_cfg, *common]
     script = (f"import subprocess, sys, time\nt=time.monotonic()\n"
@@ -64,11 +73,54 @@ def _train_eval(name: str, configs: list[str], args, runs: Path, env: dict[str, 
                             stderr=subprocess.STDOUT)
 
 
+def _tuned_and_default(args) -> tuple[dict, dict]:
+    best = json.loads(args.best.read_text())
+    tuned = {k: v for k, v in best.items() if k != "tuned_by"}
+    defaults = json.loads((REPO / "bundles/srcnn/configs/train.json").read_text())
+    return tuned, {k: defaults[k] for k in tuned}
+
+
+def _complete_trials(args, runs: Path) -> list:
+    import optuna
+
+    st = optuna.load_study(study_name=args.study, storage=f"sqlite:///{(runs / 'optuna.db').as_posix()}")
+    return [t for t in st.trials if t.state.name == "COMPLETE"]
+
+
+def heldout(args, runs: Path, env: dict[str, str]) -> None:
+    """Every complete trial's best checkpoint (by validation, within its budget) on the held-out test patients."""
+    trials = _complete_trials(args, runs)
+    log(f"heldout: {len(trials)} complete trials on the test patients, {args.heldout_slices} slices per volume")
+    pending = list(trials)
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < 2:
+            t = pending.pop(0)
+            folder = runs / "tune" / args.study / f"trial_{t.number:04d}"
+            cmd = [PY, "-m", "monai.bundle", "run", "--config_file",
+                   "['bundles/srcnn/configs/train.json','bundles/srcnn/configs/evaluate.json']",
+                   "--bundle_root", "bundles/srcnn", "--ckpt_path", expr_path(folder / "models" / "model.pt"),
+                   "--output_dir", expr_path(folder / "heldout"), "--eval_slices_per_volume", str(args.heldout_slices)]
+            (folder / "heldout").mkdir(exist_ok=True)
+            running.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(folder / "heldout" / "run.log", "w"),
+                                            stderr=subprocess.STDOUT))
+        time.sleep(2)
+        for p in [p for p in running if p.poll() is not None]:
+            running.remove(p)
+            if p.returncode:
+                raise RuntimeError(f"a held-out evaluation failed: {' '.join(p.args[-6:])}")
+    log("heldout evaluations finished")
+
+
 def final(args, runs: Path, env: dict[str, str]) -> None:
     if not args.best.is_file():
         raise FileNotFoundError(f"{args.best} does not exist: run the study stage first")
+    tuned, default = _tuned_and_default(args)
+    if tuned == default:
+        log("final: the study's best trial is the bundle's defaults; nothing to compare (skipped)")
+        return
     train = "bundles/srcnn/configs/train.json"
-    log(f"final: default and tuned configs, {args.final_epochs} epochs each, in parallel")
+    log(f"final: default and tuned configs, {args.final_seconds} s of training each, in parallel")
     procs = {"default": _train_eval("default", [train], args, runs, env),
              "tuned": _train_eval("tuned", [train, str(args.best)], args, runs, env)}
     for name, p in procs.items():
@@ -78,59 +130,99 @@ def final(args, runs: Path, env: dict[str, str]) -> None:
 
 
 def _row(name: str, runs: Path, params: dict) -> dict:
+    """One final run on the held-out test patients: per subject and the mean over subjects, SR against the matched
+    baseline (``baseline`` in the evaluation's per-slice table: k-space zero-fill for MR, cubic for CT)."""
+    from medsr_monai.demo import subject_gains
+
     out = runs / "final" / name
-    m = json.loads((out / "evaluation" / "metrics.json").read_text())
-    row = {"config": name, **params, "train_min": float((out / "train_seconds").read_text()) / 60}
-    for mod in ("MR", "CT"):
-        row[f"{mod}_psnr"] = m.get(f"test_{mod}_sr_psnr")
-        row[f"{mod}_ssim"] = m.get(f"test_{mod}_sr_ssim")
-        row[f"{mod}_bicubic_psnr"] = m.get(f"test_{mod}_bicubic_psnr")
-    return row
+    return {"config": name, **params, "train_min": float((out / "train_seconds").read_text()) / 60,
+            "subjects": subject_gains(out / "evaluation" / "slices.csv")}
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: continuous scores)."""
+    import numpy as np
+
+    ra, rb = (np.argsort(np.argsort(np.asarray(x))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def report(args, runs: Path) -> None:
     import optuna
 
-    best = json.loads(args.best.read_text())
-    tuned_params = {k: v for k, v in best.items() if k != "tuned_by"}
-    defaults = json.loads((REPO / "bundles/srcnn/configs/train.json").read_text())
-    default_params = {k: defaults[k] for k in tuned_params}
-    st = optuna.load_study(study_name=args.study, storage=f"sqlite:///{(runs / 'optuna.db').as_posix()}")
+    from medsr_monai.demo import subject_gains
     from medsr_monai.tuning.study import trials_table
 
-    rows = [_row("default", runs, default_params), _row("tuned", runs, tuned_params)]
+    best = json.loads(args.best.read_text())
+    tuned_params, default_params = _tuned_and_default(args)
+    st = optuna.load_study(study_name=args.study, storage=f"sqlite:///{(runs / 'optuna.db').as_posix()}")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{(runs / 'mlruns' / 'mlflow.db').as_posix()}")
-    val_bicubic = client.get_run(best["tuned_by"]["mlflow_run_id"]).data.metrics.get("val_bicubic_psnr", float("nan"))
+    val = client.get_run(best["tuned_by"]["mlflow_run_id"]).data.metrics
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in st.trials if t.datetime_complete]
     states = {s: sum(t.state.name == s for t in st.trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
     keys = list(tuned_params)
-    head = ["config", *keys, "MR PSNR", "MR SSIM", "MR gain", "CT PSNR", "CT SSIM", "CT gain", "train min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["config"], *[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]]
-        for mod in ("MR", "CT"):
-            cells += [f"{r[f'{mod}_psnr']:.2f}", f"{r[f'{mod}_ssim']:.4f}",
-                      f"{r[f'{mod}_psnr'] - r[f'{mod}_bicubic_psnr']:+.2f}"]
-        cells.append(f"{r['train_min']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    bic = rows[0]
-    lines.append(f"| bicubic | {' | '.join('-' for _ in keys)} | {bic['MR_bicubic_psnr']:.2f} | - | - | "
-                 f"{bic['CT_bicubic_psnr']:.2f} | - | - | - |")
+
+    # held-out score of every complete trial
+    held = []
+    for t in _complete_trials(args, runs):
+        csv_path = runs / "tune" / args.study / f"trial_{t.number:04d}" / "heldout" / "evaluation" / "slices.csv"
+        if csv_path.is_file():
+            held.append({"trial": t.number, "val_psnr": t.value, **t.params, "subjects": subject_gains(csv_path)})
+    held.sort(key=lambda r: -r["val_psnr"])
+    held_lines = []
+    if held:
+        subjects = [s for s in held[0]["subjects"] if s != "mean"] + ["mean"]
+        head = ["trial", "val_psnr", *keys, *[f"{s} gain" for s in subjects]]
+        held_lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in held:
+            cells = [str(r["trial"]) + (" (defaults)" if r["trial"] == 0 else ""), f"{r['val_psnr']:.3f}",
+                     *[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys],
+                     *[f"{r['subjects'][s]['gain_db']:+.2f}" for s in subjects]]
+            held_lines.append("| " + " | ".join(cells) + " |")
+        rho = _spearman([r["val_psnr"] for r in held], [r["subjects"]["mean"]["gain_db"] for r in held])
+        top = held[0]
+        best_test = max(held, key=lambda r: r["subjects"]["mean"]["gain_db"])
+        held_lines += ["", f"Spearman rank correlation of val_psnr and the test mean gain over the {len(held)} complete "
+                       f"trials: {rho:+.2f}. The trial validation ranks first (trial {top['trial']}) is "
+                       + ("also the best on the test patients." if best_test is top else
+                          f"{best_test['subjects']['mean']['gain_db'] - top['subjects']['mean']['gain_db']:.2f} dB "
+                          f"behind the test's best (trial {best_test['trial']}).")]
+
+    final_lines = []
+    if (runs / "final" / "default" / "evaluation" / "slices.csv").is_file() and tuned_params != default_params:
+        rows = [_row("default", runs, default_params), _row("tuned", runs, tuned_params)]
+        subjects = [s for s in rows[0]["subjects"] if s != "mean"] + ["mean"]
+        head = ["config", *keys, "train min", *[f"{s} PSNR (gain)" for s in subjects]]
+        final_lines = [f"## Default vs tuned, both trained from scratch for {args.final_seconds} s, seed 0", "",
+                       "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["config"], *[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys],
+                     f"{r['train_min']:.1f}"]
+            cells += [f"{r['subjects'][s]['psnr']:.2f} ({r['subjects'][s]['gain_db']:+.2f})" for s in subjects]
+            final_lines.append("| " + " | ".join(cells) + " |")
+        final_lines.append("")
+    elif tuned_params == default_params:
+        final_lines = ["The study's best trial is the bundle's defaults (trial 0): the tuned override equals "
+                       "`train.json`, so there is no default-vs-tuned training to run.", ""]
+    space = json.load(open(REPO / "experiments/spaces/srcnn.json"))
     text = "\n".join([
         f"# Example study: SRCNN x2, {len(st.trials)} trials ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
         f"{states['FAIL']} failed)", "",
-        f"Study `{args.study}`: space `experiments/spaces/srcnn.json`, objective val_psnr (validation: pydeface MR + "
-        f"CQ500/pancreas CT), budget 3 epochs x 2 patches/slice per trial, median pruner. Study wall time "
-        f"{sum(durations) / 60:.1f} min of trials on {os.cpu_count()} CPU cores (OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '?')}). Best trial {best['tuned_by']['trial']}, val_psnr "
-        f"{best['tuned_by']['value']:.3f} dB; bicubic on the same validation slices {val_bicubic:.3f} dB.", "",
-        f"## Held-out test patients (brain2 MR, lung2 CT), both configs trained {args.final_epochs} epochs, seed 0", "",
-        *lines, "", "## Trials", "", trials_table(st), ""])
+        f"Study `{args.study}`: space `experiments/spaces/srcnn.json` (budget per trial: {space['fixed']}), objective "
+        f"val_psnr on the sample split's validation patients (one MR, three CT), median pruner "
+        f"({space['pruner']}). Study wall time {sum(durations) / 60:.1f} min of trials on {os.cpu_count()} CPU cores "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}). Best trial {best['tuned_by']['trial']}: "
+        f"val_psnr {best['tuned_by']['value']:.3f} dB, {val.get('val_baseline_gain_db', float('nan')):+.2f} dB over "
+        f"the matched baseline on the same slices.", "",
+        f"## Complete trials on the held-out test patients ({args.heldout_slices} slices per volume)", "",
+        "Each trial's best checkpoint by validation, gain in dB over the matched baseline (k-space zero-fill for MR, "
+        "cubic for CT) per subject and the mean over subjects; sorted by val_psnr.", "",
+        *held_lines, "", *final_lines, "## Trials", "", trials_table(st), ""])
     out = REPO / "experiments" / "results"
     (out / "tune_srcnn.md").write_text(text)
-    (out / "tune_srcnn.json").write_text(json.dumps({"rows": rows, "states": states, "best": best}, indent=2))
+    (out / "tune_srcnn.json").write_text(json.dumps({"heldout": held, "states": states, "best": best}, indent=2))
     print(text)
 
 
@@ -140,7 +232,8 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--study", default="example-srcnn")
-    ap.add_argument("--final-epochs", type=int, default=10)
+    ap.add_argument("--final-seconds", type=int, default=900, help="training wall budget of each final run")
+    ap.add_argument("--heldout-slices", type=int, default=24, help="slices per test volume in the heldout stage")
     ap.add_argument("--best", type=Path, default=None,
                     help="best-override file (default: experiments/best/srcnn/<study>.json, as medsr tune writes it)")
     ap.add_argument("--runs", type=Path, default=REPO / "experiments" / "runs" / "tune_example")
@@ -153,12 +246,15 @@ def main() -> int:
         args.best = default_best_file(REPO / "experiments" / "best", REPO / "bundles" / "srcnn", args.study)
     runs = args.runs.resolve()
     (runs / "mlruns").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per trial / evaluation (also named in the report)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{(runs / 'mlruns' / 'mlflow.db').as_posix()}",
                PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
     if "study" in args.stages:
         study(args, runs, env)
+    if "heldout" in args.stages:
+        heldout(args, runs, env)
     if "final" in args.stages:
         final(args, runs, env)
     if "report" in args.stages:
