@@ -89,26 +89,26 @@ def _complete_trials(args, runs: Path) -> list:
 
 def heldout(args, runs: Path, env: dict[str, str]) -> None:
     """Every complete trial's best checkpoint (by validation, within its budget) on the held-out test patients."""
+    from concurrent.futures import ThreadPoolExecutor
+
     trials = _complete_trials(args, runs)
     log(f"heldout: {len(trials)} complete trials on the test patients, {args.heldout_slices} slices per volume")
-    pending = list(trials)
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < 2:
-            t = pending.pop(0)
-            folder = runs / "tune" / args.study / f"trial_{t.number:04d}"
-            cmd = [PY, "-m", "monai.bundle", "run", "--config_file",
-                   "['bundles/srcnn/configs/train.json','bundles/srcnn/configs/evaluate.json']",
-                   "--bundle_root", "bundles/srcnn", "--ckpt_path", expr_path(folder / "models" / "model.pt"),
-                   "--output_dir", expr_path(folder / "heldout"), "--eval_slices_per_volume", str(args.heldout_slices)]
-            (folder / "heldout").mkdir(exist_ok=True)
-            running.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(folder / "heldout" / "run.log", "w"),
-                                            stderr=subprocess.STDOUT))
-        time.sleep(2)
-        for p in [p for p in running if p.poll() is not None]:
-            running.remove(p)
-            if p.returncode:
-                raise RuntimeError(f"a held-out evaluation failed: {' '.join(p.args[-6:])}")
+
+    def evaluate(number: int) -> int:
+        folder = runs / "tune" / args.study / f"trial_{number:04d}"
+        (folder / "heldout").mkdir(exist_ok=True)
+        cmd = [PY, "-m", "monai.bundle", "run", "--config_file",
+               "['bundles/srcnn/configs/train.json','bundles/srcnn/configs/evaluate.json']",
+               "--bundle_root", "bundles/srcnn", "--ckpt_path", expr_path(folder / "models" / "model.pt"),
+               "--output_dir", expr_path(folder / "heldout"), "--eval_slices_per_volume", str(args.heldout_slices)]
+        with open(folder / "heldout" / "run.log", "w") as out:
+            return subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(2) as pool:  # two evaluations at a time, one thread each
+        failed = [t.number for t, rc in zip(trials, pool.map(evaluate, [t.number for t in trials])) if rc]
+    if failed:
+        raise RuntimeError(f"held-out evaluation failed for trials {failed}; "
+                           f"see tune/{args.study}/trial_*/heldout/run.log")
     log("heldout evaluations finished")
 
 
@@ -184,8 +184,8 @@ def report(args, runs: Path) -> None:
         rho = _spearman([r["val_psnr"] for r in held], [r["subjects"]["mean"]["gain_db"] for r in held])
         top = held[0]
         best_test = max(held, key=lambda r: r["subjects"]["mean"]["gain_db"])
-        held_lines += ["", f"Spearman rank correlation of val_psnr and the test mean gain over the {len(held)} complete "
-                       f"trials: {rho:+.2f}. The trial validation ranks first (trial {top['trial']}) is "
+        held_lines += ["", f"Spearman rank correlation of val_psnr and the test mean gain over the {len(held)} "
+                       f"complete trials: {rho:+.2f}. The trial validation ranks first (trial {top['trial']}) is "
                        + ("also the best on the test patients." if best_test is top else
                           f"{best_test['subjects']['mean']['gain_db'] - top['subjects']['mean']['gain_db']:.2f} dB "
                           f"behind the test's best (trial {best_test['trial']}).")]
@@ -249,7 +249,6 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per trial / evaluation (also named in the report)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{(runs / 'mlruns' / 'mlflow.db').as_posix()}",
                PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
     if "study" in args.stages:
         study(args, runs, env)

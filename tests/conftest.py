@@ -56,22 +56,10 @@ def _mlflow_uris_restored():
     """``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (so subprocesses
     inherit it): a test that points MLflow at its own short-lived server would otherwise send every later
     in-process bundle run to that dead port. Put the URIs and the variables back after each test."""
-    import os
-    import sys
+    from medsr_monai.tracking.models import mlflow_uris_preserved
 
-    names = {"mlflow.tracking._tracking_service.utils": "_tracking_uri",
-             "mlflow.tracking._model_registry.utils": "_registry_uri"}
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = {m: getattr(sys.modules.get(m), attr, None) for m, attr in names.items()}
-    yield
-    for m, attr in names.items():
-        if m in sys.modules:  # private, but the only place MLflow keeps them
-            setattr(sys.modules[m], attr, saved[m])
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with mlflow_uris_preserved():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +245,12 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, config: str
                                                    f"{rec['tolerance']}: {rec['max_abs_diff']}"})}
 
 
-def export_bundle_variants(bundle: Path, sample: Path | None, log=print, workdir: Path | None = None
+def export_bundle_variants(bundle: Path, sample: Path | None, log=print, *, workdir: Path
                            ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Export every inference config's weights of ``bundle`` (``models/<ckpt stem>.onnx``) into ``workdir`` (the
-    caller's folder, which it removes; ``None``: a new temporary folder the caller owns). Returns ``({archive path:
-    file}, manifest record)``; every variant that does not export is named on the console and in the record."""
-    tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="medsr-onnx-"))
+    caller's folder, which it removes). Returns ``({archive path: file}, manifest record)``; every variant that does
+    not export is named on the console and in the record."""
+    tmp = Path(workdir)
     tmp.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     records = []

@@ -527,22 +527,19 @@ def format_versions(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
 
 
 @contextlib.contextmanager
-def _mlflow_uris(uri: str):
-    """MLflow's tracking and registry URIs set to ``uri`` for the block, then exactly as they were.
+def mlflow_uris_preserved():
+    """MLflow's tracking and registry URIs, and the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` variables,
+    exactly as they were before the block, whatever it sets.
 
-    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` /
-    ``MLFLOW_REGISTRY_URI`` into ``os.environ``; left set, a caller in the same process (``medsr publish``, a
-    notebook) would send its later runs to this store. MLflow keeps the values in module globals and offers no
-    public way to unset them, hence the private names.
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write those variables into ``os.environ``; left set, a
+    caller in the same process (``medsr publish``, a notebook, the next test) would send its later runs to that
+    store. MLflow keeps the values in module globals and offers no public way to unset them, hence the private names.
     """
-    import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
              {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
@@ -552,6 +549,17 @@ def _mlflow_uris(uri: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _mlflow_uris(uri: str):
+    """MLflow's tracking and registry URIs set to ``uri`` for the block, then as they were."""
+    import mlflow
+
+    with mlflow_uris_preserved():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield
 
 
 def download_registered_bundle(model_uri: str, dest: str | os.PathLike, tracking_uri: str) -> tuple[Path, str | None]:
