@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bundles", nargs="+", default=list(DEMO_BUNDLES), metavar="METHOD",
                       help="methods to evaluate: " + ", ".join(DEMO_BUNDLES) + " (default: all; a method whose "
                       "bundle ships no weights gets a 'not evaluated' row)")
-    demo.add_argument("--eval-slices", type=int, default=24, help="evenly spread slices per held-out volume in the "
+    demo.add_argument("--eval-slices", type=int, default=20, help="evenly spread slices per held-out volume in the "
                       "2D evaluations; 0: every slice, as the bundles' own results tables (default: %(default)s)")
     demo.add_argument("--finetune", default="srcnn", help="bundle fine-tuned from its shipped weights "
                       "(default: %(default)s)")

@@ -167,7 +167,7 @@ def format_results_table(results: dict[str, dict[str, dict]], skipped: dict[str,
 def run_demo(bundles: list[str] | tuple[str, ...] = DEMO_BUNDLES, finetune: str | None = "srcnn",
              finetune_epochs: int = 1, finetune_slices: int = 4, samples: Path | None = None, infer: bool = True,
              project: str | os.PathLike | None = None, bundles_dir: str | os.PathLike | None = None,
-             eval_slices: int | None = 24) -> int:
+             eval_slices: int | None = 20) -> int:
     """Evaluate the shipped weights, fine-tune one bundle briefly, super-resolve a volume, print the table.
 
     Args:

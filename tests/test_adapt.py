@@ -62,6 +62,13 @@ def test_neighbor_subsample_takes_two_adjacent_pixels_of_each_cell():
     # the same generator state gives the same cells (the regulariser relies on it)
     a2, _ = neighbor_subsample(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, a2)
+    # with diagonal pairs (CT): still two different pixels of the own cell, edge and diagonal kinds about equally often
+    x = torch.arange(64 * 64, dtype=torch.float).reshape(1, 1, 64, 64)
+    a, b = neighbor_subsample(x, torch.Generator().manual_seed(0), diagonal=True)
+    dr, dc = (a // 64 - b // 64).abs(), (a % 64 - b % 64).abs()
+    assert torch.all((a // 64 // 2 == b // 64 // 2) & (a % 64 // 2 == b % 64 // 2))
+    diag, edge = (dr == 1) & (dc == 1), (dr + dc) == 1
+    assert torch.all(diag | edge) and 0.4 < diag.float().mean() < 0.6
 
 
 def test_in_plane_pairs_are_whole_slice_degradations_on_the_corner_grid(tiny_datalist):
@@ -122,7 +129,7 @@ def test_neighbor2neighbor_pairs_for_ct_denoising(tiny_datalist):
     vol, spacing = _normalised(_scan(tiny_datalist, "lung2"), "CT")
     net = _bundle_net("unet", "inference_ct_denoise")
     obj = objective_for(net, vol, "CT", spacing, 2, batch_size=2, patch=32)
-    assert isinstance(obj, Neighbor2NeighborObjective)
+    assert isinstance(obj, Neighbor2NeighborObjective) and obj.diagonal_pairs  # reconstructed CT noise
     loss = obj.loss(net, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
     assert obj.validation_loss(net.eval()) == obj.validation_loss(net)  # fixed sub-sampling: comparable
@@ -234,7 +241,7 @@ def test_medsr_adapt_end_to_end_records_and_leaves_the_bundle_alone(tiny_datalis
     assert _sha(shipped) == sha_before
     side = json.loads((out / "brain2_adapted.json").read_text())
     assert side["adapted_weights_sha256"] == _sha(out / "brain2_adapted.pt")
-    assert side["input_sha256"] == _sha(scan) and side["steps"] == 20
+    assert side["input_sha256"] == _sha(scan) and side["steps"] == 20 and side["patience"] == 5
     sr = nib.load(str(out / "brain2_sr.nii.gz"))
     lr = nib.load(str(scan))
     assert sr.shape == (128, 128, 6)
@@ -257,6 +264,14 @@ def test_medsr_adapt_end_to_end_records_and_leaves_the_bundle_alone(tiny_datalis
                "--output_dir", str(out), "--tracking-uri", uri])
     assert rc == 2 and _sha(out / "brain2_adapted.pt") == weights_sha
     assert len(client.search_runs([exp.experiment_id])) == 1
+    # from scratch: a fresh model at the physics baseline gets the longer patience, and says so
+    from medsr_monai.adapt import SCRATCH_PATIENCE
+
+    rc = main(["adapt", "--bundle", str(REPO / "bundles" / "srcnn"), "--input", str(scan), "--max-steps", "2",
+               "--from-scratch", "--output_dir", str(tmp_path / "scratch"), "--tracking-uri", uri])
+    scratch = json.loads((tmp_path / "scratch" / "brain2_adapted.json").read_text())
+    assert rc == 0 and scratch["start"] == "from scratch" and scratch["patience"] == SCRATCH_PATIENCE > 5
+    assert _sha(shipped) == sha_before
 
 
 def test_smore_pairs_thicken_an_in_plane_axis_and_adaptation_helps(seq_data):

@@ -319,7 +319,7 @@ def test_multi_gpu_config_with_torchrun_gloo(tiny_datalist, tmp_path):
     out, models = tmp_path / "out", tmp_path / "models"
     cmd = torchrun_cmd(bundle, ["train", "multi_gpu_train"], dataset_dir=expr(tiny_datalist.parent),
                        output_dir=expr(out), ckpt_dir=expr(models), **TINY_TRAIN)
-    env = bundle_env(tmp_path)  # a fresh sqlite store: both ranks open it at start
+    env = bundle_env(tmp_path, fresh_store=True)  # both ranks create and migrate the new sqlite store at start
     proc = run(cmd, env)
     assert proc.returncode == 0, tail(proc.stdout, 6000)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loop import AdaptResult, adapt_network
+from .loop import SCRATCH_PATIENCE, AdaptResult, adapt_network
 from .objectives import objective_for
 
 __all__ = ["ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "input_sha256", "load_scan", "run_inference"]
@@ -181,8 +181,9 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
     objective = objective_for(network, scan_info["volume"].to(device), scan_info["modality"], scan_info["spacing"],
                               scan_info["slice_axis"], batch_size=batch_size)
     lr = learning_rate or (1e-3 if from_scratch else 1e-4)
+    patience = SCRATCH_PATIENCE if from_scratch else 5
     result = adapt_network(network, objective, seconds=seconds, max_steps=max_steps, learning_rate=lr, seed=seed,
-                           progress=progress)
+                           patience=patience, progress=progress)
     tmp = weights.with_name(weights.name + ".part")
     torch.save(network.state_dict(), tmp)
     os.replace(tmp, weights)  # a run killed while saving leaves no half-written weights under the final name
@@ -190,7 +191,8 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
         "bundle": method, **(extra or {}), "input_sha256": input_sha256(src), "input_shape": scan_info["shape"],
         "input_spacing_mm": scan_info["spacing"], "modality": scan_info["modality"],
         "slice_axis": scan_info["slice_axis"], "start": "from scratch" if from_scratch else "shipped weights",
-        "start_weights_sha256": start_hash, "budget_seconds": seconds, "learning_rate": lr, "seed": seed,
+        "start_weights_sha256": start_hash, "budget_seconds": seconds, "learning_rate": lr, "patience": patience,
+        "seed": seed,
         **{f"pairs_{k}": v for k, v in objective.describe().items()}, **result.summary(),
         "adapted_weights_sha256": file_sha256(weights),
     }
