@@ -60,7 +60,9 @@ class SeededLowDoseCTNoised(MapTransform):
                  seed: int = 0, id_key: str = "subject", cache_dir: str | os.PathLike | None = None,
                  max_slices: int | None = None, num_threads: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.num_threads = max(1, int(num_threads or len(os.sched_getaffinity(0))))
+        # the cores this process may use (Linux); os.cpu_count() where the affinity call does not exist (macOS)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.num_threads = max(1, int(num_threads or cores))
         if max_slices is not None and int(max_slices) < 1:
             raise ValueError(f"max_slices must be >= 1 or None, got {max_slices}")
         self.max_slices = int(max_slices) if max_slices is not None else None
