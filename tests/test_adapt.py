@@ -320,3 +320,36 @@ def test_inference_config_adapts_each_input_with_adapt_seconds(tiny_datalist, tm
     assert side["start_weights_sha256"] == sha_before == _sha(shipped)
     (output_side,) = [p for p in out.glob("lung2_*.json") if p.name != "lung2_adapted.json"]
     assert json.loads(output_side.read_text())["checkpoint_sha256"] == side["adapted_weights_sha256"]
+
+
+def test_adaptation_keeps_batch_norm_statistics(tiny_datalist):
+    """SRGAN's generator has batch norm: the steps on one scan's small patches train its weights but leave the
+    running statistics of the bundle's training data as they were (updating them from the adaptation batches cost
+    1 dB on held-out MR and wrecked a from-scratch model). Checked at every training step, since the guard may
+    restore the original buffers at the end anyway."""
+    from medsr_monai.adapt import adapt_network, objective_for
+
+    vol, spacing = _normalised(_scan(tiny_datalist, "brain2"), "MR")
+    net = _bundle_net("srgan")
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns, "srgan's generator has batch norm"
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    weights = [m.weight.detach().clone() for m in bns]
+    obj = objective_for(net, vol, "MR", spacing, 2, batch_size=2, patch=32)
+    seen = []
+
+    class Spy:
+        def loss(self, network, g):
+            value = obj.loss(network, g)  # the forward pass in training mode
+            seen.append(([(m.running_mean.clone(), m.running_var.clone()) for m in bns],
+                         [m.weight.detach().clone() for m in bns]))
+            return value
+
+        def validation_loss(self, network):
+            return obj.validation_loss(network)
+
+    result = adapt_network(net, Spy(), seconds=120, max_steps=3, learning_rate=1e-3, val_every=3, progress=False)
+    assert result.steps == 3 and len(seen) == 3
+    for step_stats, _ in seen:
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(step_stats, stats))
+    assert any(not torch.equal(w, w0) for w, w0 in zip(seen[-1][1], weights))  # the affine parameters did train

@@ -57,6 +57,17 @@ class AdaptResult:
 SCRATCH_PATIENCE = 15
 
 
+def _freeze_norm_statistics(network: torch.nn.Module) -> None:
+    """Keep batch-norm layers in eval mode while the rest trains: their running statistics stay those of the
+    bundle's training data. Adaptation batches are a few small patches of one scan, at a coarser scale than the
+    scan itself, and statistics updated from them are wrong for the whole-slice inference that follows (SRGAN's
+    SRResNet generator, the one bundle network with batch norm, lost 1.0 dB on MR against its shipped weights and
+    collapsed from scratch on cerr_lung4 before this)."""
+    for m in network.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, max_steps: int | None = None,
                   learning_rate: float = 1e-4, val_every: int = 20, patience: int = 5,
                   min_improvement: float = 1e-3, seed: int = 0, progress: bool = True) -> AdaptResult:
@@ -102,6 +113,7 @@ def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, m
                 stopped = "step limit"
                 break
             network.train()
+            _freeze_norm_statistics(network)
             optimizer.zero_grad(set_to_none=True)
             loss = objective.loss(network, g)
             if not torch.isfinite(loss):
