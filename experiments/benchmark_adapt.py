@@ -109,9 +109,9 @@ def score(net, inputs: torch.Tensor, truth: torch.Tensor, modality: str) -> floa
 def adapt_both(row: dict, pre, bundle: str, config: str, objective_args: tuple, evaluate, args) -> None:
     """Adapt the shipped model and a fresh one to the degraded scan; add each one's score, time, steps, whether the
     guard kept it and its self-supervised validation before / after to ``row``."""
-    from medsr_monai.adapt import SCRATCH_PATIENCE, adapt_network, objective_for
+    from medsr_monai.adapt import FINETUNE_PATIENCE, SCRATCH_PATIENCE, adapt_network, objective_for
 
-    for label, start, lr, patience in (("adapted", pre, args.lr, 5),
+    for label, start, lr, patience in (("adapted", pre, args.lr, FINETUNE_PATIENCE),
                                        ("scratch", bundle_model(bundle, config, False), args.scratch_lr,
                                         SCRATCH_PATIENCE)):
         net = copy.deepcopy(start)

@@ -13,13 +13,13 @@ Example::
     result.outputs  # [Path("adapted/scan_sr.nii.gz")]
 """
 
-from .loop import SCRATCH_PATIENCE, AdaptResult, adapt_network
+from .loop import FINETUNE_PATIENCE, SCRATCH_PATIENCE, AdaptResult, adapt_network
 from .objectives import (InPlaneSRObjective, Neighbor2NeighborObjective, SSDUObjective, ThroughPlaneObjective,
                          neighbor_subsample, objective_for)
 from .scan import ScanAdaptation, adapt_scan, adapt_volume, bundle_network, run_inference
 
 __all__ = [
-    "AdaptResult", "SCRATCH_PATIENCE", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
+    "AdaptResult", "FINETUNE_PATIENCE", "SCRATCH_PATIENCE", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
     "ThroughPlaneObjective",
     "neighbor_subsample", "objective_for", "ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "run_inference",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["AdaptResult", "SCRATCH_PATIENCE", "adapt_network"]
+__all__ = ["AdaptResult", "FINETUNE_PATIENCE", "SCRATCH_PATIENCE", "adapt_network"]
 
 
 @dataclass
@@ -50,6 +50,8 @@ class AdaptResult:
                 "train_loss_last": self.train_losses[-1] if self.train_losses else None}
 
 
+#: validations without improvement before an adaptation from the shipped weights stops
+FINETUNE_PATIENCE = 5
 #: validations without improvement before a from-scratch adaptation stops: a fresh model starts at the physics
 #: baseline and its first hundred steps often leave the kept-back loss flat (EDSR on brain2 and the LSTM stopped
 #: after 5 checks of 20 steps, at the baseline, in the issue-15 benchmark), so it gets three times the fine-tuning
@@ -69,7 +71,7 @@ def _freeze_norm_statistics(network: torch.nn.Module) -> None:
 
 
 def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, max_steps: int | None = None,
-                  learning_rate: float = 1e-4, val_every: int = 20, patience: int = 5,
+                  learning_rate: float = 1e-4, val_every: int = 20, patience: int = FINETUNE_PATIENCE,
                   min_improvement: float = 1e-3, seed: int = 0, progress: bool = True) -> AdaptResult:
     """Fine-tune ``network`` in place on ``objective`` for at most ``seconds`` (and ``max_steps``).
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loop import SCRATCH_PATIENCE, AdaptResult, adapt_network
+from .loop import FINETUNE_PATIENCE, SCRATCH_PATIENCE, AdaptResult, adapt_network
 from .objectives import objective_for
 
 __all__ = ["ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "input_sha256", "load_scan", "run_inference"]
@@ -181,7 +181,7 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
     objective = objective_for(network, scan_info["volume"].to(device), scan_info["modality"], scan_info["spacing"],
                               scan_info["slice_axis"], batch_size=batch_size)
     lr = learning_rate or (1e-3 if from_scratch else 1e-4)
-    patience = SCRATCH_PATIENCE if from_scratch else 5
+    patience = SCRATCH_PATIENCE if from_scratch else FINETUNE_PATIENCE
     result = adapt_network(network, objective, seconds=seconds, max_steps=max_steps, learning_rate=lr, seed=seed,
                            patience=patience, progress=progress)
     tmp = weights.with_name(weights.name + ".part")
