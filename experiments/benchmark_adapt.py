@@ -116,7 +116,7 @@ def adapt_both(row: dict, pre, bundle: str, config: str, objective_args: tuple, 
                                         SCRATCH_PATIENCE)):
         net = copy.deepcopy(start)
         t0 = time.monotonic()
-        objective = objective_for(net, *objective_args)
+        objective = objective_for(net, *objective_args, allow_large_scale=True)  # x4 is measured, not refused
         if args.n2n_pairs == "edge" and hasattr(objective, "diagonal_pairs"):
             objective.diagonal_pairs = False  # the ablation: Neighbor2Neighbor's own edge-adjacent pairs only
         result = adapt_network(net, objective, seconds=args.seconds, learning_rate=lr, seed=args.seed,

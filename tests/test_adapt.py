@@ -222,6 +222,32 @@ def test_cyclegan_says_why_it_cannot_adapt(tiny_datalist):
         objective_for(ResnetGenerator(), vol, "CT", spacing, 2)
 
 
+def test_x4_in_plane_adaptation_is_refused_with_the_reason_before_any_output(tiny_datalist, tmp_path, capsys):
+    """SRGAN's x4: the scan's own pairs are a quarter of the inference scale and adaptation measured harmful on the
+    held-out subjects, which the kept-back slices cannot see: ``medsr adapt`` says so and writes nothing (no weights,
+    no sidecar, no output, no MLflow run); ``--allow-large-scale`` (the benchmark's way in) builds the x4 ZSSR pairs."""
+    from medsr_monai.adapt import MAX_IN_PLANE_ADAPT_SCALE, objective_for
+    from medsr_monai.cli import main
+
+    assert MAX_IN_PLANE_ADAPT_SCALE == 2
+    scan, out = _scan(tiny_datalist, "lung2"), tmp_path / "out"
+    store = tmp_path / "mlruns.db"
+    code = main(["adapt", "--bundle", str(REPO / "bundles" / "srgan"), "--input", str(scan), "--output_dir", str(out),
+                 "--tracking-uri", f"sqlite:///{store}", "--seconds", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "x4 is not adapted" in err[-1] and "--allow-large-scale" in err[-1], err[-3:]
+    assert not any(out.glob("*"))
+    if store.exists():  # the store may have been opened, but it holds no run
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    vol, spacing = _normalised(scan, "CT")
+    obj = objective_for(_bundle_net("srgan"), vol, "CT", spacing, 2, batch_size=2, patch=32, allow_large_scale=True)
+    lr, hr = obj.sample(torch.Generator().manual_seed(0))
+    assert hr.shape[-2:] == (32, 32) and lr.shape[-2:] == (8, 8)  # x4 pairs from the scan itself
+
+
 @pytest.mark.slow
 def test_medsr_adapt_end_to_end_records_and_leaves_the_bundle_alone(tiny_datalist, tmp_path):
     """The CLI on a real crop: adapted weights + sidecar next to the output, the output on the same grid as the
@@ -335,7 +361,7 @@ def test_adaptation_keeps_batch_norm_statistics(tiny_datalist):
     assert bns, "srgan's generator has batch norm"
     stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
     weights = [m.weight.detach().clone() for m in bns]
-    obj = objective_for(net, vol, "MR", spacing, 2, batch_size=2, patch=32)
+    obj = objective_for(net, vol, "MR", spacing, 2, batch_size=2, patch=32, allow_large_scale=True)
     seen = []
 
     class Spy:

@@ -14,12 +14,12 @@ Example::
 """
 
 from .loop import FINETUNE_PATIENCE, SCRATCH_PATIENCE, AdaptResult, adapt_network
-from .objectives import (InPlaneSRObjective, Neighbor2NeighborObjective, SSDUObjective, ThroughPlaneObjective,
-                         neighbor_subsample, objective_for)
+from .objectives import (MAX_IN_PLANE_ADAPT_SCALE, InPlaneSRObjective, Neighbor2NeighborObjective, SSDUObjective,
+                         ThroughPlaneObjective, neighbor_subsample, objective_for)
 from .scan import ScanAdaptation, adapt_scan, adapt_volume, bundle_network, run_inference
 
 __all__ = [
     "AdaptResult", "FINETUNE_PATIENCE", "SCRATCH_PATIENCE", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
-    "ThroughPlaneObjective",
+    "ThroughPlaneObjective", "MAX_IN_PLANE_ADAPT_SCALE",
     "neighbor_subsample", "objective_for", "ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "run_inference",
 ]

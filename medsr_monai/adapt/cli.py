@@ -16,7 +16,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     done = adapt_scan(args.bundle, args.input, seconds=args.seconds, output_dir=args.output_dir, config=args.config,
                       from_scratch=args.from_scratch, overrides=overrides, tracking_uri=args.tracking_uri,
                       seed=args.seed, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                      infer=not args.no_inference, overwrite=args.overwrite)
+                      infer=not args.no_inference, overwrite=args.overwrite,
+                      allow_large_scale=args.allow_large_scale)
     r = done.result
     verdict = ("kept the adapted weights" if r.kept else
                "kept the original weights (adaptation did not improve the kept-back slices)")
@@ -55,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the budget)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="Adam step size (default: 1e-4 from the shipped weights, 1e-3 from scratch)")
+    p.add_argument("--allow-large-scale", action="store_true",
+                   help="adapt in-plane SR above x2 anyway (refused by default: at x4 the scan's own pairs are a "
+                   "quarter of the inference scale, adaptation measured harmful and the guard cannot see it)")
     p.add_argument("--no-inference", action="store_true", help="adapt and save the weights only")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier adaptation of this "
                    "scan in --output_dir (default: refuse)")

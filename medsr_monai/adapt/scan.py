@@ -167,9 +167,10 @@ def _refuse_existing(out_dir: Path, src: Path, overwrite: bool) -> tuple[Path, P
 def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: dict[str, Any], method: str,
                  tracking_uri: str, seconds: float, from_scratch: bool, start_hash: str | None, seed: int = 0,
                  max_steps: int | None = None, learning_rate: float | None = None, batch_size: int = 8,
-                 progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None
-                 ) -> tuple[Path, Path, AdaptResult, str, dict[str, Any]]:
+                 progress: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                 allow_large_scale: bool = False) -> tuple[Path, Path, AdaptResult, str, dict[str, Any]]:
     """Adapt ``network`` (in place) to one loaded scan; write ``<scan>_adapted.pt`` / ``.json`` and the MLflow run.
+    ``allow_large_scale``: see :func:`~medsr_monai.adapt.objectives.objective_for`.
 
     Returns ``(weights, sidecar, result, run_id, record)``.
     """
@@ -179,7 +180,7 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
     weights, sidecar = _refuse_existing(out_dir, src, overwrite)
     device = next(network.parameters()).device
     objective = objective_for(network, scan_info["volume"].to(device), scan_info["modality"], scan_info["spacing"],
-                              scan_info["slice_axis"], batch_size=batch_size)
+                              scan_info["slice_axis"], batch_size=batch_size, allow_large_scale=allow_large_scale)
     lr = learning_rate or (1e-3 if from_scratch else 1e-4)
     patience = SCRATCH_PATIENCE if from_scratch else FINETUNE_PATIENCE
     result = adapt_network(network, objective, seconds=seconds, max_steps=max_steps, learning_rate=lr, seed=seed,
@@ -205,7 +206,8 @@ def adapt_scan(bundle: str | os.PathLike, scan: str | os.PathLike, seconds: floa
                output_dir: str | os.PathLike | None = None, config: str = "inference", from_scratch: bool = False,
                overrides: dict[str, Any] | None = None, tracking_uri: str | None = None, seed: int = 0,
                max_steps: int | None = None, learning_rate: float | None = None, batch_size: int = 8,
-               infer: bool = True, progress: bool = True, overwrite: bool = False) -> ScanAdaptation:
+               infer: bool = True, progress: bool = True, overwrite: bool = False,
+               allow_large_scale: bool = False) -> ScanAdaptation:
     """Fine-tune a copy of ``bundle``'s model on ``scan`` with the bundle's physics, then run its inference.
 
     Args:
@@ -226,6 +228,8 @@ def adapt_scan(bundle: str | os.PathLike, scan: str | os.PathLike, seconds: floa
         progress: progress bars.
         overwrite: replace an existing ``<scan>_adapted.pt`` / ``.json`` and output volume (default: refuse, before
             any work is done, naming the file).
+        allow_large_scale: adapt in-plane SR above x2 anyway (refused by default: it measured harmful, and the
+            no-harm guard cannot see it; :func:`~medsr_monai.adapt.objectives.objective_for`).
     """
     from medsr_monai.tracking import resolve_tracking_uri
     from medsr_monai.workflows.inference import ensure_writable_dir, load_checkpoint
@@ -254,7 +258,8 @@ def adapt_scan(bundle: str | os.PathLike, scan: str | os.PathLike, seconds: floa
     weights, sidecar, result, run_id, record = adapt_volume(
         network, src, out_dir, scan_info, method, uri, seconds, from_scratch, start_hash, seed, max_steps,
         learning_rate, batch_size, progress, overwrite,
-        extra={"bundle_version": str(parser.get("_meta_#version", "")), "config": config})
+        extra={"bundle_version": str(parser.get("_meta_#version", "")), "config": config},
+        allow_large_scale=allow_large_scale)
     outputs: list[Path] = []
     if infer:
         parser["ckpt_path"] = str(weights)
