@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,22 @@ TRAINING_FIXTURES = {"trained_bundle"}
 #: commands a quick test may still start: git (the commit in the provenance of an in-process run) and uname
 #: (``platform.processor()``, which some libraries call once on import)
 QUICK_COMMANDS = {"git", "uname"}
+
+
+def pytest_configure(config):
+    """One share of the cores per pytest-xdist worker, for its own torch and for the processes it starts.
+
+    Two workers on two cores, each running torch with a thread per core (and starting bundle runs that do the same),
+    put four busy threads on two cores; OpenMP's threads then wait on each other: a CycleGAN test that takes 16 s
+    alone took 132 s beside the other worker (measured). ``OMP_NUM_THREADS`` set here is inherited by every process
+    a test starts (``helpers.bundle_env`` keeps it); one worker (``-n 0``) keeps the default."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or workers) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

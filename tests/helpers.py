@@ -292,6 +292,27 @@ def network_from_config(bundle: str, name: str = "inference", **overrides: Any):
     return parser.get_parsed_content("network_def", instantiate=True)
 
 
+SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
+
+
+def bundle_tools(bundle: str, ckpt: str | os.PathLike, ts_file: str | os.PathLike,
+                 input_shape: Sequence[int] | None = None, verify_n: int = 1, **net_overrides: Any) -> None:
+    """MONAI's ``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export`` on ``bundle``, in this process: the
+    functions ``python -m monai.bundle <tool>`` dispatches to, without three interpreter start-ups (about 10 s of CPU
+    each: importing monai). ``tests/test_bundles.py`` runs the same tools through the CLI. Each raises on a failure.
+    ``input_shape``: export by tracing for that input (physics models: their physics is a plain Python object);
+    ``net_overrides``: config overrides of the exported network (a tiny trained variant)."""
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+    meta, inf = str(config(bundle, "metadata")), str(config(bundle, "inference"))
+    verify_metadata(meta_file=meta, filepath=str(SCHEMA))
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inf, device="cpu", n=verify_n)
+    trace = {"use_trace": True, "input_shape": list(input_shape)} if input_shape is not None else {}
+    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(ckpt), meta_file=meta, config_file=inf,
+                **trace, **net_overrides)
+    assert Path(ts_file).is_file()
+
+
 def load_state(path: str | os.PathLike) -> dict:
     import torch
 

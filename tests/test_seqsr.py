@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import (
-    PYTHON, REPO, artifact_paths, bundle_cmd, bundle_env, config, download_artifact, expr,
+    REPO, artifact_paths, bundle_cmd, bundle_env, bundle_tools, config, download_artifact, expr,
     kill_after_first_checkpoint, load_state, mlflow_client, network_from_config, run, runs_of, sha256, tail,
     torchrun_cmd,
 )
@@ -25,7 +25,6 @@ from helpers import (
 from medsr_monai.transforms import GridUpsample, SliceThickness, slice_thickness, thick_affine, thin_affine
 
 BUNDLE = "seqsr_lstm"
-SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
 #: small network and windows so that the CLI runs take seconds on two cores
 NET = {"features": 8, "hidden_channels": 8}
 TINY = {**NET, "window": 4, "patch_size": 24, "batch_size": 4, "windows_per_epoch": 8, "max_epochs": 2}
@@ -301,28 +300,15 @@ def test_inference_lands_on_the_original_grid(seq_data, tmp_path):
             np.testing.assert_allclose(res.get_fdata(), np.clip(np.rint(cubic), -32768, 32767), atol=1.0)
 
 
-def _tool(tool, *args):
-    return [PYTHON, "-m", "monai.bundle", tool, *args]
-
-
 @pytest.mark.slow
-def test_bundle_tools(trained, seq_data, tmp_path):
+def test_bundle_tools(trained, seq_data, tmp_path, monkeypatch):
     root, _, proc = trained
     _check(proc)
-    env = bundle_env(tmp_path, HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
-                     http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    meta = config(BUNDLE, "metadata")
-    p = run(_tool("verify_metadata", "--meta_file", str(meta), "--filepath", str(SCHEMA)), env)
-    assert p.returncode == 0 and "metadata is verified with no error" in p.stdout, tail(p.stdout)
-    p = run(_tool("verify_net_in_out", "network_def", "--config_file", str(config(BUNDLE, "inference")),
-                  "--meta_file", str(meta), "--n", "2"), env)
-    assert p.returncode == 0 and "data shape of network is verified with no error" in p.stdout, tail(p.stdout)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # nothing may be downloaded
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
     ts = tmp_path / "seqsr.ts"
-    p = run(_tool("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
-                  "--config_file", str(config(BUNDLE, "inference")), "--meta_file", str(meta),
-                  "--features", "8", "--hidden_channels", "8", "--use_trace", "True",
-                  "--input_shape", "[1, 1, 16, 48, 48]"), env)
-    assert p.returncode == 0, tail(p.stdout)
+    bundle_tools(BUNDLE, root / "models" / "model.pt", ts, [1, 1, 16, 48, 48], verify_n=2,
+                 features=8, hidden_channels=8)
     # TorchScript equals eager on a real thick window
     vol = nib.load(str(seq_data / "pydeface_mean.nii.gz")).get_fdata(dtype=np.float32)
     hr = torch.as_tensor(vol / np.percentile(vol, 99.5))[None, :, :, 8:40]  # (1, 48, 48, 32)

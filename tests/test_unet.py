@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import (
-    REPO, artifact_paths, bundle_cmd, bundle_env, config, expr, kill_after_first_checkpoint, load_state,
+    REPO, artifact_paths, bundle_cmd, bundle_env, bundle_tools, config, expr, kill_after_first_checkpoint, load_state,
     mlflow_client, network_from_config, run, runs_of, tail,
 )
 from medsr_monai.networks import ResidualUNet
@@ -27,7 +27,6 @@ from medsr_monai.transforms import (
     zero_filled_volume,
 )
 
-SCHEMA = REPO / "medsr_monai" / "resources" / "meta_schema.json"
 #: tiny settings: 32x32 patches of the 64x64 crops, a small U-Net (the inference config gets the same channels)
 NET = {"channels": [8, 16, 32], "num_res_units": 1}
 TINY = {"patch_size": 32, "patches_per_slice": 1, "batch_size": 4, "val_slices_per_volume": 2, "max_epochs": 2,
@@ -191,17 +190,11 @@ def _paths(tmp_path: Path, datalist: Path) -> dict[str, str]:
 
 
 def _bundle_tools(ckpt: Path, x: torch.Tensor, tmp_path: Path, **net_overrides) -> None:
-    """MONAI's verify_metadata / verify_net_in_out / ckpt_export (in-process: same functions as the CLI, without
-    three interpreter start-ups), and TorchScript computing what the eager trained network computes."""
-    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
-
-    meta, inf = str(config("unet", "metadata")), str(config("unet", "inference"))
-    verify_metadata(meta_file=meta, filepath=str(SCHEMA))
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inf, device="cpu")
+    """MONAI's verify_metadata / verify_net_in_out / ckpt_export (in-process), and TorchScript computing what the
+    eager trained network computes."""
     ts = tmp_path / "unet.ts"
     # physics models are exported by tracing, for one input size (the physics is a plain Python object)
-    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(ckpt), meta_file=meta, config_file=inf,
-                use_trace=True, input_shape=list(x.shape), **net_overrides)
+    bundle_tools("unet", ckpt, ts, list(x.shape), **net_overrides)
     eager = network_from_config("unet", **net_overrides)
     eager.load_state_dict(load_state(ckpt))
     eager.eval()
