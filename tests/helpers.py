@@ -93,6 +93,19 @@ def bundle_env(tmp: str | os.PathLike, fresh_store: bool = False, **extra: str) 
     return env
 
 
+def copy_store(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """A consistent copy of the sqlite MLflow store folder ``src`` (its ``mlflow.db``) into ``dest``, through sqlite's
+    backup API. The runs keep their artifact locations (absolute paths under ``src``): the copy reads them, and new
+    runs in the copy go where the writing process puts them. Tests use it to start from the shared trained fixture's
+    runs instead of training again."""
+    import sqlite3
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(Path(src) / "mlflow.db")) as a, \
+            contextlib.closing(sqlite3.connect(Path(dest) / "mlflow.db")) as b:
+        a.backup(b)
+
+
 def tracking_uri(tmp: str | os.PathLike) -> str:
     return f"sqlite:///{(Path(tmp).resolve() / 'mlflow.db').as_posix()}"
 

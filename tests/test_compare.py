@@ -1,5 +1,6 @@
-"""``medsr compare`` against a real store: srcnn and edsr (two seeds) trained 1 tiny epoch each into ONE
-private sqlite store (plus an evaluation run of srcnn on the test split), then the table/plots read back from it."""
+"""``medsr compare`` against a real store: the shared trained srcnn's runs (its training, and its evaluation on the
+test split) copied into a private sqlite store, plus edsr trained 1 tiny epoch twice (seeds 0 and 1) into it; then the
+table/plots read back from it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bundle_cmd, expr, load_state, mlflow_client, run, runs_of, tail, train_tiny, tracking_uri
+from helpers import (bundle_cmd, bundle_env, copy_store, expr, load_state, mlflow_client, run, runs_of, tail,
+                     tracking_uri, train_tiny)
 
 from medsr_monai.cli import main
 from medsr_monai.compare import collect_rows
@@ -19,19 +21,27 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def store(tiny_datalist, tmp_path_factory):
-    """``(uri, root)``: srcnn (trained, then evaluated) and edsr (trained twice, seeds 0 and 1) in one store."""
+def store(trained_bundle, tiny_datalist, tmp_path_factory):
+    """``(uri, root)``: srcnn (the session's trained fixture, and its evaluation) and edsr (trained twice here, seeds 0
+    and 1) in one store."""
+    srcnn = trained_bundle("srcnn")
+    srcnn.check()
     root = tmp_path_factory.mktemp("compare_store")
-    for b, seed in (("srcnn", 0), ("edsr", 0), ("edsr", 1)):
-        tb = train_tiny(b, tiny_datalist, root, output_dir=expr(root / f"{b}{seed}" / "out"),
-                        ckpt_dir=expr(root / f"{b}{seed}" / "models"), seed=seed)
+    copy_store(srcnn.root, root)
+    uri = tracking_uri(root)
+    env = bundle_env(root)
+    # evaluate.json's run is the evaluator alone, on srcnn's checkpoint; a test before this one may have run it
+    # already (tests/test_bundles.py): then its run is in the copy, and a second identical one would tie
+    if not [r for r in runs_of(uri, "srcnn") if r.data.tags.get("medsr.stage") == "evaluate"]:
+        ov = {"dataset_dir": expr(tiny_datalist.parent), "output_dir": expr(root / "srcnn_eval"),
+              "ckpt_dir": expr(srcnn.ckpt_dir)}
+        proc = run(bundle_cmd("run", "srcnn", ["train", "evaluate"], **ov), env)
+        assert proc.returncode == 0, tail(proc.stdout)
+    for seed in (0, 1):
+        tb = train_tiny("edsr", tiny_datalist, root, output_dir=expr(root / f"edsr{seed}" / "out"),
+                        ckpt_dir=expr(root / f"edsr{seed}" / "models"), seed=seed)
         tb.check()
-    # evaluate.json's run is the evaluator alone: this evaluates srcnn0's checkpoint, it does not train again
-    ov = {"dataset_dir": expr(tiny_datalist.parent), "output_dir": expr(root / "srcnn0" / "out"),
-          "ckpt_dir": expr(root / "srcnn0" / "models")}
-    proc = run(bundle_cmd("run", "srcnn", ["train", "evaluate"], **ov), tb.env)
-    assert proc.returncode == 0, tail(proc.stdout)
-    return tracking_uri(root), root
+    return uri, root
 
 
 def test_another_seed_gives_other_weights_on_the_same_physics(store):

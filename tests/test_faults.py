@@ -878,12 +878,14 @@ def test_a_failed_bundle_run_ends_with_its_root_cause(tmp_path, tiny_datalist):
 
 
 @pytest.mark.slow
-def test_training_publish_and_compare_write_no_patient_identifier(tmp_path):
+def test_training_publish_and_compare_write_no_patient_identifier(tmp_path, monkeypatch):
     """The rest of the path a study takes: the indexed (pseudonymised) export is trained on through the real bundle
-    CLI, the weights published and the store compared; no identifying value of any patient appears in the MLflow
-    database, its artifacts, the training outputs, the archive's members or the comparison's files."""
-    from helpers import PYTHON, bundle_env, run, tail, train_tiny
+    CLI, the weights published and the store compared (``medsr publish`` / ``compare`` in-process: the same entry
+    point as the command); no identifying value of any patient appears in the MLflow database, its artifacts, the
+    training outputs, the archive's members or the comparison's files."""
+    from helpers import train_tiny
 
+    from medsr_monai.cli import main
     from medsr_monai.data.index import index_folder
 
     export = tmp_path / "export"
@@ -898,20 +900,18 @@ def test_training_publish_and_compare_write_no_patient_identifier(tmp_path):
                     ignore=shutil.ignore_patterns("eval", "*.pt", "*.provenance.json", "__pycache__"))
     (src / "models").mkdir(exist_ok=True)
     shutil.copy2(tb.model, src / "models" / "model.pt")
-    env = bundle_env(tmp_path / "train", MLFLOW_TRACKING_URI=tb.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tb.uri)
     scan = next((data / "nifti").glob("*.nii.gz"))
     dist = tmp_path / "dist"
-    proc = run([PYTHON, "-m", "medsr_monai", "publish", str(src), "--out", str(dist), "--sample", str(scan)], env)
-    assert proc.returncode == 0, tail(proc.stdout)
+    assert main(["publish", str(src), "--out", str(dist), "--sample", str(scan)]) == 0
     unpacked = tmp_path / "unpacked"
     for archive in dist.glob("*.zip"):
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(unpacked)
     cmp_dir = tmp_path / "compare"
     cmp_dir.mkdir()
-    proc = run([PYTHON, "-m", "medsr_monai", "compare", "--tracking-uri", tb.uri, "--out", str(cmp_dir / "t.md"),
-                "--plot", str(cmp_dir / "p.png"), "--images", str(cmp_dir / "i.png")], env)
-    assert proc.returncode == 0, tail(proc.stdout)
+    assert main(["compare", "--tracking-uri", tb.uri, "--out", str(cmp_dir / "t.md"),
+                 "--plot", str(cmp_dir / "p.png"), "--images", str(cmp_dir / "i.png")]) == 0
     assert list(unpacked.rglob("manifest.json")) and (cmp_dir / "t.md").is_file()
     hits = []
     for folder in (tmp_path / "train", dist, unpacked, cmp_dir):
