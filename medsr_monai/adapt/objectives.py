@@ -46,7 +46,7 @@ NEAR_ISOTROPIC_RATIO = 1.5
 
 #: the largest in-plane SR scale adapted unless asked: ZSSR's pairs (the scan degraded x s once more -> the scan) teach
 #: the model at a quarter of the inference scale when s = 4, and the kept-back slices (the same sub-scale task) cannot
-#: see what that does at x4. Measured on the held-out subjects (SRGAN x4, experiments/results/adapt_benchmark.json):
+#: see what that does at x4. Measured on the held-out subjects (SRGAN x4, experiments/results/adapt.json):
 #: adaptation lost 0.38 dB on MR and 0.63 dB on CT against the shipped weights while its validation loss improved
 MAX_IN_PLANE_ADAPT_SCALE = 2
 
