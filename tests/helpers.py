@@ -326,6 +326,25 @@ def bundle_tools(bundle: str, ckpt: str | os.PathLike, ts_file: str | os.PathLik
     assert Path(ts_file).is_file()
 
 
+def export_matches_eager(bundle: str, ckpt: str | os.PathLike, x, tmp_path: Path, verify_n: int = 1,
+                         **net_overrides: Any):
+    """:func:`bundle_tools` on the trained ``ckpt`` (physics models traced for ``x``'s shape), then the TorchScript
+    network must compute what the eager trained network computes on ``x``; returns ``(eager network, its output)``
+    for the caller's own checks."""
+    import torch
+
+    ts_file = tmp_path / f"{bundle}.ts"
+    eager = network_from_config(bundle, **net_overrides)
+    bundle_tools(bundle, ckpt, ts_file, list(x.shape) if hasattr(eager, "physics") else None, verify_n,
+                 **net_overrides)
+    eager.load_state_dict(load_state(ckpt))
+    eager.eval()
+    with torch.no_grad():
+        y_eager, y_ts = eager(x), torch.jit.load(str(ts_file))(x)
+    torch.testing.assert_close(y_ts, y_eager, atol=1e-5, rtol=1e-5)
+    return eager, y_eager
+
+
 def load_state(path: str | os.PathLike) -> dict:
     import torch
 

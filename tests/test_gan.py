@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import (
-    REPO, artifact_paths, bundle_cmd, bundle_env, bundle_tools, config, expr, kill_after_first_checkpoint, load_state,
-    mlflow_client, run, runs_of, tail, torchrun_cmd,
+    REPO, artifact_paths, bundle_cmd, bundle_env, config, export_matches_eager, expr, kill_after_first_checkpoint,
+    load_state, mlflow_client, run, runs_of, tail, torchrun_cmd,
 )
 
 #: tiny settings: 32x32 HR patches (8-pixel degradation margin, so the 48x48 crop fits the 64x64 slices)
@@ -316,22 +316,6 @@ def _train_cli(bundle: str, datalist: Path, tmp_path: Path, overrides: dict):
     return env, paths, tmp_path / "models"
 
 
-def _export_matches_eager(bundle: str, ckpt: Path, x: torch.Tensor, tmp_path: Path, **net_overrides) -> None:
-    """MONAI's verify_metadata / verify_net_in_out / ckpt_export on the bundle (in-process), and the TorchScript
-    network computing what the eager trained network computes on a real slice."""
-    from helpers import network_from_config
-
-    ts_file = tmp_path / f"{bundle}.ts"
-    eager = network_from_config(bundle, **net_overrides)
-    # physics models are traced for one input size (the physics is plain Python)
-    bundle_tools(bundle, ckpt, ts_file, list(x.shape) if hasattr(eager, "physics") else None, **net_overrides)
-    eager.load_state_dict(load_state(ckpt))
-    eager.eval()
-    with torch.no_grad():
-        y_eager, y_ts = eager(x), torch.jit.load(str(ts_file))(x)
-    torch.testing.assert_close(y_ts, y_eager, atol=1e-5, rtol=1e-5)
-
-
 def _check_sidecar_and_geometry(src: Path, out: Path, scale: int) -> None:
     import nibabel as nib
 
@@ -394,7 +378,7 @@ def test_srgan_bundle_train_evaluate_infer(tiny_datalist, tmp_path):
     from medsr_monai.transforms import DecimateDownsample
 
     lr = torch.as_tensor(DecimateDownsample(4)(_real_slice(tiny_datalist, "lung2")), dtype=torch.float32)[None]
-    _export_matches_eager("srgan", models / "model.pt", lr, tmp_path)
+    export_matches_eager("srgan", models / "model.pt", lr, tmp_path)
 
 
 @pytest.mark.slow
@@ -449,7 +433,7 @@ def test_cyclegan_bundle_train_evaluate_infer_both_directions(tiny_datalist, tmp
     assert proc.returncode != 0 and "direction='CA'" in proc.stdout
 
     x = _real_slice(tiny_datalist, "lung2")[None]
-    _export_matches_eager("cyclegan", models / "model.pt", x, tmp_path, **CYCLEGAN_NET)
+    export_matches_eager("cyclegan", models / "model.pt", x, tmp_path, **CYCLEGAN_NET)
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from helpers import (
-    REPO, artifact_paths, bundle_cmd, bundle_env, bundle_tools, config, expr, kill_after_first_checkpoint, load_state,
-    mlflow_client, network_from_config, run, runs_of, tail,
+    REPO, artifact_paths, bundle_cmd, bundle_env, config, export_matches_eager, expr, kill_after_first_checkpoint,
+    mlflow_client, run, runs_of, tail,
 )
 from medsr_monai.networks import ResidualUNet
 from medsr_monai.physics import CartesianUndersampling
@@ -192,15 +192,7 @@ def _paths(tmp_path: Path, datalist: Path) -> dict[str, str]:
 def _bundle_tools(ckpt: Path, x: torch.Tensor, tmp_path: Path, **net_overrides) -> None:
     """MONAI's verify_metadata / verify_net_in_out / ckpt_export (in-process), and TorchScript computing what the
     eager trained network computes."""
-    ts = tmp_path / "unet.ts"
-    # physics models are exported by tracing, for one input size (the physics is a plain Python object)
-    bundle_tools("unet", ckpt, ts, list(x.shape), **net_overrides)
-    eager = network_from_config("unet", **net_overrides)
-    eager.load_state_dict(load_state(ckpt))
-    eager.eval()
-    with torch.no_grad():
-        y_eager, y_ts = eager(x), torch.jit.load(str(ts))(x)
-    torch.testing.assert_close(y_ts, y_eager, atol=1e-5, rtol=1e-5)
+    eager, y_eager = export_matches_eager("unet", ckpt, x, tmp_path, **net_overrides)
     base = eager.physics.baseline(x)
     assert float((y_eager - base).abs().max()) > 1e-6  # the trained residual was exported, not the baseline
 
