@@ -23,7 +23,13 @@ and keeps the others (each row records its own budget, ``budget_seconds``). Targ
 pretrained model; through-plane x2 adapted >= +1 dB over cubic; CT denoising adapted >= pretrained; from-scratch
 adapted >= the physics baseline.
 
+Each run uses ``medsr adapt``'s own rate, patience and bf16 setting for the task unless ``--lr`` / ``--patience`` /
+``--bf16`` say otherwise; choose such settings on ``--split validation`` (the validation subjects), not on the test
+subjects, and report the test subjects once.
+
     .venv/bin/python experiments/benchmark_adapt.py --seconds 180 --tasks edsr srcnn unet_ct_denoise
+    .venv/bin/python experiments/benchmark_adapt.py --split validation --tasks seqsr_lstm --starts adapted \
+        --lr 3e-4 --out /tmp/val.json
 """
 
 from __future__ import annotations
@@ -68,10 +74,14 @@ def bundle_model(bundle: str, config: str, shipped: bool) -> torch.nn.Module:
     return bundle_network(REPO / "bundles" / bundle, config, shipped=shipped, device="cpu").eval()
 
 
+#: the datalist split the subjects come from: "test" (reported) or "validation" (where settings are chosen)
+SPLIT = {"name": "test"}
+
+
 def test_subjects(samples: Path, modality: str) -> list[dict]:
     from medsr_monai.data import load_datalist
 
-    return [d for d in load_datalist(samples, "test") if d.get("modality") == modality]
+    return [d for d in load_datalist(samples, SPLIT["name"]) if d.get("modality") == modality]
 
 
 def truth_slices(item: dict, n_slices: int, multiple: int) -> tuple[torch.Tensor, list[float], int, np.ndarray]:
@@ -109,18 +119,24 @@ def score(net, inputs: torch.Tensor, truth: torch.Tensor, modality: str) -> floa
 def adapt_both(row: dict, pre, bundle: str, config: str, objective_args: tuple, evaluate, args) -> None:
     """Adapt the shipped model and a fresh one to the degraded scan; add each one's score, time, steps, whether the
     guard kept it and its self-supervised validation before / after to ``row``."""
-    from medsr_monai.adapt import FINETUNE_PATIENCE, SCRATCH_PATIENCE, adapt_network, objective_for
+    from medsr_monai.adapt import adapt_network, objective_for, start_settings
 
-    for label, start, lr, patience in (("adapted", pre, args.lr, FINETUNE_PATIENCE),
-                                       ("scratch", bundle_model(bundle, config, False), args.scratch_lr,
-                                        SCRATCH_PATIENCE)):
-        net = copy.deepcopy(start)
+    starts = {"adapted": lambda: pre, "scratch": lambda: bundle_model(bundle, config, False)}
+    for label in args.starts:
+        net = copy.deepcopy(starts[label]())
         t0 = time.monotonic()
         objective = objective_for(net, *objective_args, allow_large_scale=True)  # x4 is measured, not refused
         if args.n2n_pairs == "edge" and hasattr(objective, "diagonal_pairs"):
             objective.diagonal_pairs = False  # the ablation: Neighbor2Neighbor's own edge-adjacent pairs only
+        lr, patience = start_settings(objective, from_scratch=label == "scratch")  # medsr adapt's defaults
+        if label == "adapted":
+            lr, patience = args.lr or lr, args.patience or patience
+        elif args.scratch_lr:
+            lr = args.scratch_lr
+        bf16 = {"on": True, "off": False}.get(args.bf16, getattr(objective, "bf16_autocast", False))
         result = adapt_network(net, objective, seconds=args.seconds, learning_rate=lr, seed=args.seed,
-                               patience=patience, progress=False)
+                               patience=patience, progress=False, bf16=bf16)
+        row[f"{label}_lr"], row[f"{label}_patience"], row[f"{label}_bf16"] = lr, patience, bf16
         row[f"{label}_seconds"] = round(time.monotonic() - t0, 1)
         with torch.no_grad():
             row[label] = evaluate(net.eval())
@@ -244,24 +260,36 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seconds", type=float, default=180.0, help="adaptation budget per run (default: %(default)s)")
     ap.add_argument("--slices", type=int, default=24, help="evenly spread slices per subject (default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="fine-tuning rate from the shipped weights")
-    ap.add_argument("--scratch-lr", type=float, default=1e-3, help="rate from scratch")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="fine-tuning rate from the shipped weights (default: medsr adapt's for the task)")
+    ap.add_argument("--scratch-lr", type=float, default=None, help="rate from scratch (default: medsr adapt's)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="validations without improvement before an adaptation from the shipped weights stops "
+                         "(default: medsr adapt's for the task)")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="bf16 autocast of the training steps (default: medsr adapt's for the task)")
+    ap.add_argument("--starts", nargs="+", choices=["adapted", "scratch"], default=["adapted", "scratch"],
+                    help="which adaptations to run: from the shipped weights, from scratch (default: both)")
     ap.add_argument("--views", type=int, nargs="+", default=[0, 1, 2],
                     help="through-plane: axes to thicken in turn (default: all three)")
     ap.add_argument("--n2n-pairs", choices=["mixed", "edge"], default="mixed",
                     help="CT denoising: Neighbor2Neighbor pairs, edge and diagonal (the objective's default) or the "
                          "paper's edge-adjacent only (an ablation; give it its own --out)")
+    ap.add_argument("--split", choices=["test", "validation"], default="test",
+                    help="subjects: the held-out test ones (reported), or the validation ones, to choose settings "
+                         "without looking at the test subjects (give it its own --out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", default=str(REPO / "data" / "samples"))
     ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "adapt.json"))
     args = ap.parse_args()
+    SPLIT["name"] = args.split
     torch.manual_seed(args.seed)
     rows = []
     for task in args.tasks:
         log(f"{task}: {args.seconds:.0f} s per adaptation, {torch.get_num_threads()} thread(s)")
         run = {"unet_ct_denoise": run_denoise, "seqsr_lstm": run_through_plane, "unet_mri_recon": run_recon,
                "unet_mri_recon_random": run_recon}.get(task, run_sr)
-        rows += [{**r, "budget_seconds": args.seconds, "threads": torch.get_num_threads()}
+        rows += [{**r, "budget_seconds": args.seconds, "threads": torch.get_num_threads(), "split": args.split}
                  for r in run(task, Path(args.samples), args)]
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {"rows": []}
@@ -279,12 +307,15 @@ def main() -> int:
         sub = [r for r in rows if r["task"] == task]
         for mod in sorted({r["modality"] for r in sub}):
             rs = [r for r in sub if r["modality"] == mod]
-            means = {k: float(np.mean([r[k] for r in rs])) for k in ("pretrained", "adapted", "scratch")}
+            means = {k: float(np.mean([r[k] for r in rs])) for k in ("pretrained", "adapted", "scratch")
+                     if k in rs[0]}
             ref = "baseline" if "baseline" in rs[0] else "low_dose_input"
             means[ref] = float(np.mean([r[ref] for r in rs]))
+            gains = [f"{a} - {b} {means[a] - means[b]:+.2f} dB" for a, b in (("adapted", "pretrained"),
+                                                                          ("adapted", ref), ("scratch", ref))
+                     if a in means]
             print(f"{task} {mod} mean over {len(rs)} subjects: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
-                  + f"; adapted - pretrained {means['adapted'] - means['pretrained']:+.2f} dB, scratch - {ref} "
-                  f"{means['scratch'] - means[ref]:+.2f} dB")
+                  + "; " + ", ".join(gains))
     print(f"wrote {args.out}")
     return 0
 

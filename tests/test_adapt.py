@@ -304,7 +304,8 @@ def test_smore_pairs_thicken_an_in_plane_axis_and_adaptation_helps(seq_data):
     """Through-plane: a real head crop thickened x2 along z is the scan; SMORE windows come from its in-plane axes
     (thin along S), the thick side is the physics of the thin side, and a short adaptation of the shipped LSTM lowers
     the self-supervised loss on the kept-back band."""
-    from medsr_monai.adapt import ThroughPlaneObjective, adapt_network, objective_for
+    from medsr_monai.adapt import (FINETUNE_LEARNING_RATE, FINETUNE_PATIENCE, SCRATCH_LEARNING_RATE, SCRATCH_PATIENCE,
+                                   ThroughPlaneObjective, adapt_network, objective_for, start_settings)
 
     thin, _ = _normalised(seq_data / "robex_t1.nii.gz", "MR")
     net = _bundle_net("seqsr_lstm")
@@ -317,6 +318,13 @@ def test_smore_pairs_thicken_an_in_plane_axis_and_adaptation_helps(seq_data):
     assert lr.shape == (2, 1, 8, *hr.shape[3:])
     torch.testing.assert_close(lr, ph.A(hr))
     assert obj.num_slices["validation"] >= 2 * 2  # a band of each in-plane view
+    # from the shipped weights, through-plane takes the from-scratch rate and patience (in-plane SR keeps its own)
+    lr_rate, patience = start_settings(obj, from_scratch=False)
+    assert (lr_rate, patience) == start_settings(obj, from_scratch=True) == (SCRATCH_LEARNING_RATE, SCRATCH_PATIENCE)
+    in_plane = objective_for(_bundle_net("srcnn"), thin, "MR", [1.5, 1.5, 1.5], 2, batch_size=2, patch=16)
+    assert start_settings(in_plane, from_scratch=False) == (FINETUNE_LEARNING_RATE, FINETUNE_PATIENCE)
+    assert lr_rate > FINETUNE_LEARNING_RATE and patience > FINETUNE_PATIENCE
+    # a short run at the fine-tuning rate (at 1e-3 the first checks rise before the loss falls: 30 steps are too few)
     result = adapt_network(net, obj, seconds=120, max_steps=30, val_every=10, learning_rate=1e-4, progress=False)
     assert result.val_best < result.val_before
 

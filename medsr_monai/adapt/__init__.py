@@ -13,13 +13,15 @@ Example::
     result.outputs  # [Path("adapted/scan_sr.nii.gz")]
 """
 
-from .loop import FINETUNE_PATIENCE, SCRATCH_PATIENCE, AdaptResult, adapt_network
+from .loop import (FINETUNE_LEARNING_RATE, FINETUNE_PATIENCE, SCRATCH_LEARNING_RATE, SCRATCH_PATIENCE, AdaptResult,
+                   adapt_network, start_settings)
 from .objectives import (MAX_IN_PLANE_ADAPT_SCALE, InPlaneSRObjective, Neighbor2NeighborObjective, SSDUObjective,
                          ThroughPlaneObjective, neighbor_subsample, objective_for)
 from .scan import ScanAdaptation, adapt_scan, adapt_volume, bundle_network, run_inference
 
 __all__ = [
-    "AdaptResult", "FINETUNE_PATIENCE", "SCRATCH_PATIENCE", "adapt_network", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
+    "AdaptResult", "FINETUNE_LEARNING_RATE", "FINETUNE_PATIENCE", "SCRATCH_LEARNING_RATE", "SCRATCH_PATIENCE",
+    "adapt_network", "start_settings", "InPlaneSRObjective", "Neighbor2NeighborObjective", "SSDUObjective",
     "ThroughPlaneObjective", "MAX_IN_PLANE_ADAPT_SCALE",
     "neighbor_subsample", "objective_for", "ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "run_inference",
 ]

@@ -55,7 +55,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the budget)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="Adam step size (default: 1e-4 from the shipped weights, 1e-3 from scratch)")
+                   help="Adam step size (default: 1e-4 from the shipped weights, 1e-3 for through-plane SR and "
+                        "from scratch)")
     p.add_argument("--allow-large-scale", action="store_true",
                    help="adapt in-plane SR above x2 anyway (refused by default: at x4 the scan's own pairs are a "
                    "quarter of the inference scale, adaptation measured harmful and the guard cannot see it)")

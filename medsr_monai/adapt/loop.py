@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["AdaptResult", "FINETUNE_PATIENCE", "SCRATCH_PATIENCE", "adapt_network"]
+__all__ = ["AdaptResult", "FINETUNE_LEARNING_RATE", "FINETUNE_PATIENCE", "SCRATCH_LEARNING_RATE", "SCRATCH_PATIENCE",
+           "adapt_network", "start_settings"]
 
 
 @dataclass
@@ -57,6 +58,22 @@ FINETUNE_PATIENCE = 5
 #: after 5 checks of 20 steps, at the baseline, in the issue-15 benchmark), so it gets three times the fine-tuning
 #: patience; a fine-tuned model that does not improve within 5 checks is usually already at its best
 SCRATCH_PATIENCE = 15
+#: Adam's step size from the shipped weights (10x below the bundles' training rates) and from scratch
+FINETUNE_LEARNING_RATE = 1e-4
+SCRATCH_LEARNING_RATE = 1e-3
+
+
+def start_settings(objective, from_scratch: bool) -> tuple[float, int]:
+    """``(learning_rate, patience)`` for an adaptation of ``objective`` from the shipped weights or from scratch.
+
+    An objective may set its own fine-tuning values (``finetune_learning_rate``, ``finetune_patience``) where they
+    were measured to differ (:class:`~medsr_monai.adapt.objectives.ThroughPlaneObjective`); from scratch is the same
+    for every task.
+    """
+    if from_scratch:
+        return SCRATCH_LEARNING_RATE, SCRATCH_PATIENCE
+    return (float(getattr(objective, "finetune_learning_rate", FINETUNE_LEARNING_RATE)),
+            int(getattr(objective, "finetune_patience", FINETUNE_PATIENCE)))
 
 
 def _freeze_norm_statistics(network: torch.nn.Module) -> None:
@@ -72,7 +89,8 @@ def _freeze_norm_statistics(network: torch.nn.Module) -> None:
 
 def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, max_steps: int | None = None,
                   learning_rate: float = 1e-4, val_every: int = 20, patience: int = FINETUNE_PATIENCE,
-                  min_improvement: float = 1e-3, seed: int = 0, progress: bool = True) -> AdaptResult:
+                  min_improvement: float = 1e-3, seed: int = 0, progress: bool = True,
+                  bf16: bool | None = None) -> AdaptResult:
     """Fine-tune ``network`` in place on ``objective`` for at most ``seconds`` (and ``max_steps``).
 
     Args:
@@ -87,6 +105,9 @@ def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, m
         min_improvement: relative improvement of the validation loss the adapted weights must reach to be kept.
         seed: seeds the pair sampling (the same scan, seed and step count give the same weights on CPU).
         progress: show a progress bar (seconds of the budget, with the current losses).
+        bf16: run the training steps' forward pass in bfloat16 autocast (more steps in the same budget); the
+            validation that decides what is kept stays float32. ``None``: the objective's ``bf16_autocast``
+            (default off; on where it was measured to help).
 
     Example::
 
@@ -95,6 +116,8 @@ def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, m
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout etc. inside the model, if any
+    bf16 = bool(getattr(objective, "bf16_autocast", False)) if bf16 is None else bool(bf16)
+    device_type = next(network.parameters()).device.type
     was_training = network.training
     network.eval()
     val_before = objective.validation_loss(network)
@@ -117,7 +140,8 @@ def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, m
             network.train()
             _freeze_norm_statistics(network)
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.loss(network, g)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss = objective.loss(network, g).float()
             if not torch.isfinite(loss):
                 stopped = f"non-finite loss at step {step + 1}"
                 break

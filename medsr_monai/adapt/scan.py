@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loop import FINETUNE_PATIENCE, SCRATCH_PATIENCE, AdaptResult, adapt_network
+from .loop import AdaptResult, adapt_network, start_settings
 from .objectives import objective_for
 
 __all__ = ["ScanAdaptation", "adapt_scan", "adapt_volume", "bundle_network", "input_sha256", "load_scan", "run_inference"]
@@ -181,8 +181,8 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
     device = next(network.parameters()).device
     objective = objective_for(network, scan_info["volume"].to(device), scan_info["modality"], scan_info["spacing"],
                               scan_info["slice_axis"], batch_size=batch_size, allow_large_scale=allow_large_scale)
-    lr = learning_rate or (1e-3 if from_scratch else 1e-4)
-    patience = SCRATCH_PATIENCE if from_scratch else FINETUNE_PATIENCE
+    lr, patience = start_settings(objective, from_scratch)
+    lr = learning_rate or lr
     result = adapt_network(network, objective, seconds=seconds, max_steps=max_steps, learning_rate=lr, seed=seed,
                            patience=patience, progress=progress)
     tmp = weights.with_name(weights.name + ".part")
@@ -193,6 +193,7 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
         "input_spacing_mm": scan_info["spacing"], "modality": scan_info["modality"],
         "slice_axis": scan_info["slice_axis"], "start": "from scratch" if from_scratch else "shipped weights",
         "start_weights_sha256": start_hash, "budget_seconds": seconds, "learning_rate": lr, "patience": patience,
+        "bf16_autocast": bool(getattr(objective, "bf16_autocast", False)),
         "seed": seed,
         **{f"pairs_{k}": v for k, v in objective.describe().items()}, **result.summary(),
         "adapted_weights_sha256": file_sha256(weights),
@@ -223,7 +224,8 @@ def adapt_scan(bundle: str | os.PathLike, scan: str | os.PathLike, seconds: floa
         overrides: config overrides (``{"scale": 4}``...).
         tracking_uri: MLflow store (default: the project store, or ``MLFLOW_TRACKING_URI``).
         seed: seeds the pair sampling.
-        max_steps, learning_rate, batch_size: loop settings (default rate: 1e-4 fine-tuning, 1e-3 from scratch).
+        max_steps, learning_rate, batch_size: loop settings (default rate and patience:
+            :func:`~medsr_monai.adapt.loop.start_settings`).
         infer: run the bundle's inference with the adapted weights afterwards.
         progress: progress bars.
         overwrite: replace an existing ``<scan>_adapted.pt`` / ``.json`` and output volume (default: refuse, before
