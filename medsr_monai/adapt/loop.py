@@ -88,9 +88,9 @@ def _freeze_norm_statistics(network: torch.nn.Module) -> None:
 
 
 def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, max_steps: int | None = None,
-                  learning_rate: float = 1e-4, val_every: int = 20, patience: int = FINETUNE_PATIENCE,
-                  min_improvement: float = 1e-3, seed: int = 0, progress: bool = True,
-                  bf16: bool | None = None) -> AdaptResult:
+                  learning_rate: float = FINETUNE_LEARNING_RATE, val_every: int = 20,
+                  patience: int = FINETUNE_PATIENCE, min_improvement: float = 1e-3, seed: int = 0,
+                  progress: bool = True, bf16: bool | None = None) -> AdaptResult:
     """Fine-tune ``network`` in place on ``objective`` for at most ``seconds`` (and ``max_steps``).
 
     Args:

