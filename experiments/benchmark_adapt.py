@@ -133,10 +133,9 @@ def adapt_both(row: dict, pre, bundle: str, config: str, objective_args: tuple, 
             lr, patience = args.lr or lr, args.patience or patience
         elif args.scratch_lr:
             lr = args.scratch_lr
-        bf16 = {"on": True, "off": False}.get(args.bf16, getattr(objective, "bf16_autocast", False))
         result = adapt_network(net, objective, seconds=args.seconds, learning_rate=lr, seed=args.seed,
-                               patience=patience, progress=False, bf16=bf16)
-        row[f"{label}_lr"], row[f"{label}_patience"], row[f"{label}_bf16"] = lr, patience, bf16
+                               patience=patience, progress=False, bf16={"on": True, "off": False}.get(args.bf16))
+        row[f"{label}_lr"], row[f"{label}_patience"], row[f"{label}_bf16"] = lr, patience, result.bf16_autocast
         row[f"{label}_seconds"] = round(time.monotonic() - t0, 1)
         with torch.no_grad():
             row[label] = evaluate(net.eval())

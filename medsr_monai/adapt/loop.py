@@ -36,6 +36,7 @@ class AdaptResult:
     best_step: int
     kept: bool
     stopped: str
+    bf16_autocast: bool = False
     train_losses: list[float] = field(default_factory=list)
     val_history: list[tuple[int, float]] = field(default_factory=list)
 
@@ -46,7 +47,7 @@ class AdaptResult:
     def summary(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "val_before": self.val_before,
                 "val_after": self.val_after, "val_best": self.val_best, "best_step": self.best_step,
-                "kept": self.kept, "stopped": self.stopped,
+                "kept": self.kept, "stopped": self.stopped, "bf16_autocast": self.bf16_autocast,
                 "train_loss_first": self.train_losses[0] if self.train_losses else None,
                 "train_loss_last": self.train_losses[-1] if self.train_losses else None}
 
@@ -170,4 +171,5 @@ def adapt_network(network: torch.nn.Module, objective, seconds: float = 180.0, m
     network.load_state_dict(best_state if kept else original)
     network.train(was_training)
     return AdaptResult(steps=step, seconds=time.monotonic() - t0, val_before=val_before, val_best=best_val,
-                       best_step=best_step, kept=kept, stopped=stopped, train_losses=losses, val_history=history)
+                       best_step=best_step, kept=kept, stopped=stopped, bf16_autocast=bf16, train_losses=losses,
+                       val_history=history)

@@ -193,7 +193,6 @@ def adapt_volume(network: torch.nn.Module, src: Path, out_dir: Path, scan_info: 
         "input_spacing_mm": scan_info["spacing"], "modality": scan_info["modality"],
         "slice_axis": scan_info["slice_axis"], "start": "from scratch" if from_scratch else "shipped weights",
         "start_weights_sha256": start_hash, "budget_seconds": seconds, "learning_rate": lr, "patience": patience,
-        "bf16_autocast": bool(getattr(objective, "bf16_autocast", False)),
         "seed": seed,
         **{f"pairs_{k}": v for k, v in objective.describe().items()}, **result.summary(),
         "adapted_weights_sha256": file_sha256(weights),
