@@ -74,14 +74,11 @@ def bundle_model(bundle: str, config: str, shipped: bool) -> torch.nn.Module:
     return bundle_network(REPO / "bundles" / bundle, config, shipped=shipped, device="cpu").eval()
 
 
-#: the datalist split the subjects come from: "test" (reported) or "validation" (where settings are chosen)
-SPLIT = {"name": "test"}
-
-
-def test_subjects(samples: Path, modality: str) -> list[dict]:
+def test_subjects(samples: Path, modality: str, split: str = "test") -> list[dict]:
+    """The subjects of ``modality`` in ``split``: "test" (reported) or "validation" (where settings are chosen)."""
     from medsr_monai.data import load_datalist
 
-    return [d for d in load_datalist(samples, SPLIT["name"]) if d.get("modality") == modality]
+    return [d for d in load_datalist(samples, split) if d.get("modality") == modality]
 
 
 def truth_slices(item: dict, n_slices: int, multiple: int) -> tuple[torch.Tensor, list[float], int, np.ndarray]:
@@ -147,7 +144,7 @@ def run_sr(task: str, samples: Path, args) -> list[dict]:
     bundle, config, modalities = TASKS[task]
     rows = []
     for modality in modalities:
-        for item in test_subjects(samples, modality):
+        for item in test_subjects(samples, modality, args.split):
             pre = bundle_model(bundle, config, shipped=True)
             physics, s = pre.physics, int(max(pre.physics.scale))
             truth, spacing, axis, _ = truth_slices(item, args.slices, s)
@@ -174,7 +171,7 @@ def run_through_plane(task: str, samples: Path, args) -> list[dict]:
 
     bundle, config, _ = TASKS[task]
     rows = []
-    for item in test_subjects(samples, "MR"):
+    for item in test_subjects(samples, "MR", args.split):
         data, affine, _ = load_volume(item["image"])
         spacing = [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
         if max(spacing) > 1.5 * min(spacing):
@@ -206,7 +203,7 @@ def run_denoise(task: str, samples: Path, args) -> list[dict]:
 
     bundle, config, _ = TASKS[task]
     rows = []
-    for item in test_subjects(samples, "CT"):
+    for item in test_subjects(samples, "CT", args.split):
         pre = bundle_model(bundle, config, shipped=True)
         truth, spacing, axis, raw = truth_slices(item, args.slices, 2)
         from medsr_monai.physics import LowDoseCT
@@ -235,7 +232,7 @@ def run_recon(task: str, samples: Path, args) -> list[dict]:
 
     bundle, config, _ = TASKS[task]
     rows = []
-    for item in test_subjects(samples, "MR"):
+    for item in test_subjects(samples, "MR", args.split):
         pre = bundle_model(bundle, config, shipped=True)
         physics = pre.physics
         if task.endswith("_random"):  # one random line mask (seeded) for every slice, at the bundle's rate and band
@@ -281,7 +278,6 @@ def main() -> int:
     ap.add_argument("--samples", default=str(REPO / "data" / "samples"))
     ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "adapt.json"))
     args = ap.parse_args()
-    SPLIT["name"] = args.split
     torch.manual_seed(args.seed)
     rows = []
     for task in args.tasks:
