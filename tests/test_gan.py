@@ -66,6 +66,27 @@ def test_networks_have_the_papers_parameter_counts():
     assert int(rows.max() - rows.min() + 1) == 70
 
 
+def test_patchgan_without_norm_sees_the_noise_level_instance_norm_hides():
+    """A dose difference is mostly a noise *level*. Behind instance norm the 1-layer PatchGAN sees that level only
+    through its first layer's bias and the norm's eps: without the bias, and at an amplitude where eps is negligible,
+    the logits are the same for noise and three times that noise (the first conv and LeakyReLU are positively
+    homogeneous, the norm removes the scale). With ``norm=None`` (the
+    CycleGAN bundle's ``discriminator_norm`` null) the level reaches the logits, and every layer keeps a bias,
+    since no norm provides the shift."""
+    from medsr_monai.networks import PatchGANDiscriminator
+
+    torch.manual_seed(0)
+    noise = 10 * torch.randn(1, 1, 64, 64)
+    for norm in ("INSTANCE", None):
+        d = PatchGANDiscriminator(channels=4, num_layers_d=1, norm=norm).eval()
+        with torch.no_grad():
+            d.initial_conv.conv.bias.zero_()
+            change = (d(3 * noise) - d(noise)).abs().mean() / d(noise).abs().mean()
+        assert (change < 1e-2) if norm else (change > 0.5), (norm, float(change))
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(c.bias is not None for c in convs)
+
+
 def test_resnet_generator_is_identity_at_start_and_keeps_any_size():
     from medsr_monai.networks import ResnetGenerator
 

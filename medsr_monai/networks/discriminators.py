@@ -77,9 +77,10 @@ class PatchGANDiscriminator(PatchDiscriminator):
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, channels: int = 64, num_layers_d: int = 3,
                  norm: str | tuple = "INSTANCE", bias: bool | None = None, **kwargs) -> None:
-        # pix2pix gives the normalised layers a bias exactly when the norm is instance norm (no affine shift)
+        # pix2pix gives the normalised layers a bias exactly when the norm is instance norm (no affine shift);
+        # without a norm nothing else can shift them, so they keep theirs too
         if bias is None:
-            bias = str(norm[0] if isinstance(norm, tuple) else norm).upper() == "INSTANCE"
+            bias = norm is None or str(norm[0] if isinstance(norm, tuple) else norm).upper() == "INSTANCE"
         super().__init__(spatial_dims=spatial_dims, channels=channels, in_channels=in_channels, out_channels=1,
                          num_layers_d=num_layers_d, kernel_size=4, norm=norm, bias=bias, **kwargs)
 
