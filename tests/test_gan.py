@@ -70,9 +70,8 @@ def test_patchgan_without_norm_sees_the_noise_level_instance_norm_hides():
     """A dose difference is mostly a noise *level*. Behind instance norm the 1-layer PatchGAN sees that level only
     through its first layer's bias and the norm's eps: without the bias, and at an amplitude where eps is negligible,
     the logits are the same for noise and three times that noise (the first conv and LeakyReLU are positively
-    homogeneous, the norm removes the scale). With ``norm=None`` (the
-    CycleGAN bundle's ``discriminator_norm`` null) the level reaches the logits, and every layer keeps a bias,
-    since no norm provides the shift."""
+    homogeneous, the norm removes the scale). With ``norm=None`` (the CycleGAN bundle's ``discriminator_norm``
+    null) the level reaches the logits, and every layer keeps a bias, since no norm provides the shift."""
     from medsr_monai.networks import PatchGANDiscriminator
 
     torch.manual_seed(0)

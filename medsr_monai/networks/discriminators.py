@@ -70,13 +70,19 @@ class PatchGANDiscriminator(PatchDiscriminator):
     MONAI's class returns every intermediate feature map (for feature-matching losses); ``forward`` here
     returns only the last one, the per-patch logits, and :meth:`feature_maps` the full list.
 
+    Args:
+        norm: the normalisation of the inner layers (a MONAI ``Norm`` name or ``(name, args)``); ``None`` for none,
+            which keeps the noise level of the input visible (instance norm rescales every feature map per image).
+        bias: whether the normalised layers have a bias; ``None`` follows pix2pix (only with instance norm) and
+            gives them one when there is no norm.
+
     Example:
         >>> PatchGANDiscriminator(channels=8)(torch.zeros(1, 1, 64, 64)).shape
         torch.Size([1, 1, 6, 6])
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, channels: int = 64, num_layers_d: int = 3,
-                 norm: str | tuple = "INSTANCE", bias: bool | None = None, **kwargs) -> None:
+                 norm: str | tuple | None = "INSTANCE", bias: bool | None = None, **kwargs) -> None:
         # pix2pix gives the normalised layers a bias exactly when the norm is instance norm (no affine shift);
         # without a norm nothing else can shift them, so they keep theirs too
         if bias is None:
