@@ -407,6 +407,29 @@ def test_a_new_sqlite_store_opened_by_several_processes_at_once(tmp_path):
     assert all(len(runs_of(uri, f"exp{i}")) == 1 for i in range(3))
 
 
+
+def test_a_store_another_process_is_still_migrating_is_waited_for_not_opened(tmp_path):
+    """MLflow writes its alembic version table early in the migration: a store whose table holds an older revision
+    while another process holds ``<db>.lock`` is half built. Opening it then would migrate it a second time (the
+    CI race: ``table ... already exists``); the caller must wait for the lock instead, and say so when it gives up."""
+    import sqlite3
+
+    from filelock import FileLock
+
+    from medsr_monai.tracking import TrackingError
+    from medsr_monai.tracking.store import create_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:  # the state a migrating process leaves mid-way: version table, old revision
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('451aebb31d03')")
+    with FileLock(f"{db}.lock"):  # the migrating process
+        with pytest.raises(TrackingError, match=r"waited 1 s for another process to create the store"):
+            create_sqlite_store(f"sqlite:///{db}", timeout=1)
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert create_sqlite_store(fresh) is True  # a new store: this call builds it
+    assert create_sqlite_store(fresh) is False  # a complete one is recognised and left alone
+
 # ----------------------------------------------------------------------------------------------- tune
 def _tune_settings(tmp_path, **kw):
     from medsr_monai.tuning.space import Objective, load_space

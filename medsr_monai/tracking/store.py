@@ -105,13 +105,22 @@ def init_tracking_store(uri: str) -> bool:
 
 
 def _has_tables(path: Path) -> bool:
-    """Whether the sqlite file already holds MLflow's schema (its alembic version table)."""
+    """Whether the sqlite file holds MLflow's *complete* schema: its alembic version table at MLflow's head revision.
+
+    The version table alone is not enough: MLflow creates it early in its migration, so a process that saw it while
+    another was still migrating went on to open the half-built store, found tables missing and migrated it a
+    second time (``table ... already exists`` / ``expected to match one row``).
+    """
+    from mlflow.store.db.utils import _get_latest_schema_revision  # the revision this MLflow expects
+
     try:
         with sqlite3.connect(path, timeout=30) as con:
-            return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
-                               ).fetchone() is not None
+            if con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone() is None:
+                return False
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.Error:
         return False
+    return row is not None and row[0] == _get_latest_schema_revision()
 
 
 def create_sqlite_store(uri: str, timeout: float = 600.0) -> bool:
@@ -134,7 +143,10 @@ def create_sqlite_store(uri: str, timeout: float = 600.0) -> bool:
         with FileLock(f"{path}.lock", timeout=timeout):
             if _has_tables(path):  # another process created them while we waited
                 return False
-            init_tracking_store(uri)
+            try:
+                init_tracking_store(uri)
+            except Exception as e:  # an older MLflow's store: MLflow refuses it until `mlflow db upgrade`
+                raise TrackingError(f"MLflow tracking URI {uri!r}: {e}") from e
             return True
     except Timeout as e:
         raise TrackingError(f"MLflow tracking URI {uri!r}: waited {timeout:.0f} s for another process to create the "
