@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--cpu-seconds", type=float, default=None,
                     help="measured process CPU time of the run (default: wall time x threads)")
     ap.add_argument("--note", default="", help="a sentence on the budget or anything unusual (recorded)")
+    ap.add_argument("--git-commit", default=None,
+                    help="the commit of the tree the run trained from, recorded where the run could not read it "
+                    "(a run on a copied tree without .git, e.g. on a lent GPU machine)")
     ap.add_argument("--with", dest="companions", nargs="*", default=[], metavar="FILE",
                     help="more files of the same run's <run_dir>/models shipped beside the weights (e.g. CycleGAN's "
                     "model_BA.pt); their sha256 is recorded in the sidecar")
@@ -65,8 +68,14 @@ def main() -> None:
     run = MlflowClient(uri).get_run(prov["run_id"])
     wall = (run.info.end_time - run.info.start_time) / 1000.0
     prov.pop("tracking_uri", None)  # a path on the training machine; the run id is what identifies it
-    training = {"wall_seconds": round(wall), "cpu_threads": args.threads, "cpu_minutes": round((args.cpu_seconds or wall * args.threads) / 60, 1),
-                "machine": cpu_name(), "device": "cpu", "python": platform.python_version(), "note": args.note}
+    tags = prov.setdefault("tags", {})
+    if args.git_commit and tags.get("git_commit", "unknown") == "unknown":
+        tags["git_commit"], tags["git_commit_source"] = args.git_commit, "--git-commit (the run's tree had no .git)"
+    device = tags.get("device", "cpu")  # the run's own record: "cpu" or the CUDA device's name
+    training = {"wall_seconds": round(wall), "cpu_threads": args.threads,
+                "cpu_minutes": round((args.cpu_seconds or wall * args.threads) / 60, 1),
+                "machine": cpu_name() if device == "cpu" else device, "device": device,
+                "python": tags.get("python", platform.python_version()), "note": args.note}
     dest = bundle / "models" / args.weights
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
