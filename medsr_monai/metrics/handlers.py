@@ -106,7 +106,8 @@ class SliceMetrics:
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float]]:
         """Per-slice scores of a batch ``x`` (clipped to [0, 1]) against ``y``, both ``(N, C, *spatial)``."""
-        x, y = x.detach().float().clamp(0, 1), y.detach().float()
+        x = x.detach().float().clamp(0, 1)
+        y = y.detach().float().to(x.device)  # on a GPU the prediction is there and the baselines may not be
         scores = {"psnr": self.psnr(x, y).flatten().tolist(), "ssim": self.ssim(x, y).flatten().tolist()}
         if self.sharpness:
             scores["gmsd"] = gmsd(x, y).flatten().tolist()
