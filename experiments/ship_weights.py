@@ -45,8 +45,8 @@ def main() -> None:
                     help="measured process CPU time of the run (default: wall time x threads)")
     ap.add_argument("--note", default="", help="a sentence on the budget or anything unusual (recorded)")
     ap.add_argument("--git-commit", default=None,
-                    help="the commit of the tree the run trained from, recorded where the run could not read it "
-                    "(a run on a copied tree without .git, e.g. on a lent GPU machine)")
+                    help="the commit whose tree the run trained from, where the run could not read it itself (a copy of "
+                    "the tree without its .git, or with a stale one, e.g. on a lent GPU machine)")
     ap.add_argument("--with", dest="companions", nargs="*", default=[], metavar="FILE",
                     help="more files of the same run's <run_dir>/models shipped beside the weights (e.g. CycleGAN's "
                     "model_BA.pt); their sha256 is recorded in the sidecar")
@@ -69,13 +69,19 @@ def main() -> None:
     wall = (run.info.end_time - run.info.start_time) / 1000.0
     prov.pop("tracking_uri", None)  # a path on the training machine; the run id is what identifies it
     tags = prov.setdefault("tags", {})
-    if args.git_commit and tags.get("git_commit", "unknown") == "unknown":
-        tags["git_commit"], tags["git_commit_source"] = args.git_commit, "--git-commit (the run's tree had no .git)"
+    if args.git_commit and args.git_commit != tags.get("git_commit"):
+        # a copied tree: the run saw no .git, or a stale one (then it also said "dirty"); keep what it saw
+        tags["git_commit_seen_by_run"], tags["git_dirty_seen_by_run"] = tags.get("git_commit"), tags.get("git_dirty")
+        tags["git_commit"], tags["git_dirty"] = args.git_commit, "false"
+        tags["git_commit_source"] = "ship_weights.py --git-commit: the commit whose tree was copied to the machine"
     device = tags.get("device", "cpu")  # the run's own record: "cpu" or the CUDA device's name
-    training = {"wall_seconds": round(wall), "cpu_threads": args.threads,
-                "cpu_minutes": round((args.cpu_seconds or wall * args.threads) / 60, 1),
-                "machine": cpu_name() if device == "cpu" else device, "device": device,
-                "python": tags.get("python", platform.python_version()), "note": args.note}
+    training = {"wall_seconds": round(wall), "device": device, "python": tags.get("python", platform.python_version()),
+                "note": args.note}
+    if device == "cpu":
+        training.update(machine=cpu_name(), cpu_threads=args.threads,
+                        cpu_minutes=round((args.cpu_seconds or wall * args.threads) / 60, 1))
+    else:  # the GPU's minutes (the run's start to end), not the loader processes' CPU time
+        training.update(machine=device, gpu_minutes=round(wall / 60, 1))
     dest = bundle / "models" / args.weights
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
@@ -87,8 +93,8 @@ def main() -> None:
             shutil.copyfile(args.run_dir / "models" / name, bundle / "models" / name)
             training["companions"][name] = hashlib.sha256((bundle / "models" / name).read_bytes()).hexdigest()
     side = write_sidecar(dest, prov, training)
-    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB) with {side}; run {prov['run_id']}, "
-          f"{training['cpu_minutes']} CPU-min")
+    budget = f"{training['cpu_minutes']} CPU-min" if device == "cpu" else f"{training['gpu_minutes']} min on {device}"
+    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB) with {side}; run {prov['run_id']}, {budget}")
 
 
 if __name__ == "__main__":
