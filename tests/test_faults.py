@@ -407,7 +407,6 @@ def test_a_new_sqlite_store_opened_by_several_processes_at_once(tmp_path):
     assert all(len(runs_of(uri, f"exp{i}")) == 1 for i in range(3))
 
 
-
 def test_a_store_another_process_is_still_migrating_is_waited_for_not_opened(tmp_path):
     """MLflow writes its alembic version table early in the migration: a store whose table holds an older revision
     while another process holds ``<db>.lock`` is half built. Opening it then would migrate it a second time (the
@@ -429,6 +428,7 @@ def test_a_store_another_process_is_still_migrating_is_waited_for_not_opened(tmp
     fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
     assert create_sqlite_store(fresh) is True  # a new store: this call builds it
     assert create_sqlite_store(fresh) is False  # a complete one is recognised and left alone
+
 
 # ----------------------------------------------------------------------------------------------- tune
 def _tune_settings(tmp_path, **kw):

@@ -104,7 +104,7 @@ def init_tracking_store(uri: str) -> bool:
     return True
 
 
-def _has_tables(path: Path) -> bool:
+def _schema_is_current(path: Path) -> bool:
     """Whether the sqlite file holds MLflow's *complete* schema: its alembic version table at MLflow's head revision.
 
     The version table alone is not enough: MLflow creates it early in its migration, so a process that saw it while
@@ -137,11 +137,11 @@ def create_sqlite_store(uri: str, timeout: float = 600.0) -> bool:
     from filelock import FileLock, Timeout
 
     path = Path(uri.split(":///", 1)[-1])
-    if _has_tables(path):
+    if _schema_is_current(path):
         return False
     try:
         with FileLock(f"{path}.lock", timeout=timeout):
-            if _has_tables(path):  # another process created them while we waited
+            if _schema_is_current(path):  # another process created them while we waited
                 return False
             try:
                 init_tracking_store(uri)
