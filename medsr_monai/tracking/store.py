@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import urllib.error
@@ -104,6 +105,14 @@ def init_tracking_store(uri: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _head_revision() -> str:
+    """The schema revision the installed MLflow expects (read from its migration scripts once per process)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
 def _schema_is_current(path: Path) -> bool:
     """Whether the sqlite file holds MLflow's *complete* schema: its alembic version table at MLflow's head revision.
 
@@ -111,16 +120,12 @@ def _schema_is_current(path: Path) -> bool:
     another was still migrating went on to open the half-built store, found tables missing and migrated it a
     second time (``table ... already exists`` / ``expected to match one row``).
     """
-    from mlflow.store.db.utils import _get_latest_schema_revision  # the revision this MLflow expects
-
     try:
         with sqlite3.connect(path, timeout=30) as con:
-            if con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone() is None:
-                return False
             row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.Error:
+    except sqlite3.Error:  # no version table yet, or not a database
         return False
-    return row is not None and row[0] == _get_latest_schema_revision()
+    return row is not None and row[0] == _head_revision()
 
 
 def create_sqlite_store(uri: str, timeout: float = 600.0) -> bool:
