@@ -410,7 +410,7 @@ def test_cyclegan_bundle_train_evaluate_infer_both_directions(tiny_datalist, tmp
     assert r.info.status == "FINISHED"
     p = r.data.params
     assert (p["cycle_weight"], p["identity_weight"], p["adversarial_loss"], p["lr_schedule"]) == \
-        ("1.0", "1.0", "lsgan", "linear_decay")
+        ("0.1", "10.0", "lsgan", "linear_decay")
     assert p["frequency_separation"] == "sigma 1.5 px, content weight 100.0"
     assert p["checkpoint"].startswith("best val_psnr") and (models / "best_metric.json").is_file()
     # unpaired by construction: no patient is in both domains
