@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the sample split (datalist.json); default: data/samples")
     ap.add_argument("--max-slices", type=int, default=16, help="evenly spread slices per volume (0: all)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from medsr_monai.data import load_datalist, select_items, volume_slices
 
