@@ -16,8 +16,8 @@ Domain A is the simulated low-dose half of the training patients, domain B the o
 and test patients get the same simulation. The summary compares how much the dose raises what the discriminators
 see (low-dose / native, per A patient) with how far the domain B patients lie apart (max / min native over B).
 
-No training: about 6 minutes on 2 CPU cores, most of it simulating the 512x512 slices of lung2. Results: ``<out>/cyclegan_domain_gap.json``
-and ``.md`` (printed).
+No training: about 6 minutes on 2 CPU cores, most of it simulating the 512x512 slices of lung2. Results:
+``<out>/cyclegan_domain_gap.json`` and ``.md`` (printed).
 
 Example::
 

@@ -13,7 +13,9 @@ patients would
 weigh the CT patients too, which an MR-only fine-tuning loses (its last validation is reported beside).
 
 This is an upper bound for what more training patients from the same scanner and protocol could give, not a way to
-train shipped weights: it uses the held-out patient's high-resolution slices, which a real user never has.
+train shipped weights: it uses the held-out patient's high-resolution slices, which a real user never has. The
+results in ``experiments/results/same_patient_ceiling_*`` start from EDSR's 0.6.0 weights (``--init``); the 0.7.0
+weights shipped since were fine-tuned with brain1 oversampled, after this analysis.
 
 Results: ``<out>/same_patient_ceiling_<train-on>.json`` and ``.md`` (printed); runs in ``<runs-dir>/<train-on>``
 (MLflow store inside).
@@ -21,7 +23,7 @@ Results: ``<out>/same_patient_ceiling_<train-on>.json`` and ``.md`` (printed); r
 Example::
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/same_patient_ceiling.py --train-on self --seconds 1200
-    OMP_NUM_THREADS=2 .venv/bin/python experiments/same_patient_ceiling.py --train-on brain1 --seconds 1200
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/same_patient_ceiling.py --train-on brain1 --epochs 48 --seconds 1200
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ def last_weights(checkpoints: Path, dest: Path) -> Path:
     """The network of the newest training checkpoint (``checkpoint_epoch=N.pt``), as ``dest/model.pt``."""
     import torch
 
-    newest = max(checkpoints.glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    found = list(checkpoints.glob("checkpoint_epoch=*.pt"))
+    if not found:
+        raise SystemExit(f"{checkpoints}: no epoch finished within the budget; raise --seconds")
+    newest = max(found, key=lambda p: int(p.stem.split("=")[1]))
     dest.mkdir(parents=True, exist_ok=True)
     torch.save(torch.load(newest, map_location="cpu", weights_only=False)["network"], dest / "model.pt")
     return dest
@@ -121,7 +126,8 @@ def evaluate_all(bundle: str, ckpt_dir: Path, out_dir: Path, samples: Path, env:
     rows = list(csv.DictReader(open(out_dir / "evaluation" / "slices.csv")))
     gains = {}
     for subj in dict.fromkeys(r["subject"] for r in rows):
-        by = {m: [float(r["psnr"]) for r in rows if r["subject"] == subj and r["method"] == m] for m in ("sr", "baseline")}
+        by = {m: [float(r["psnr"]) for r in rows if r["subject"] == subj and r["method"] == m]
+              for m in ("sr", "baseline")}
         gains[subj] = round(float(np.mean(by["sr"]) - np.mean(by["baseline"])), 2)
     return gains
 
@@ -134,8 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-on", default="self",
                     help="'self': the subject's even slices; or another subject of the sample split (e.g. brain1)")
     ap.add_argument("--seconds", type=int, default=1200, help="fine-tuning budget in seconds (max_train_seconds)")
-    ap.add_argument("--epochs", type=int, default=100, help="epochs of the cosine schedule (an epoch: slices x 16 patches / batch 16 iterations)")
+    ap.add_argument("--epochs", type=int, default=100,
+                    help="epochs of the cosine schedule (an epoch: slices x 16 patches / batch 16 iterations)")
     ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="weights to start from and to compare with (default: the bundle's models/model.pt)")
     ap.add_argument("--samples", type=Path, default=REPO / "data" / "samples")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "experiments" / "runs" / "same_patient")
     ap.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
@@ -147,9 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     data = split_volume(args.samples.resolve(), args.subject, runs / "data", args.train_on).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{runs / 'mlruns.db'}"}
     shipped = REPO / "bundles" / args.bundle / "models"
-    log(f"{args.bundle}: shipped weights on {args.subject}'s odd slices")
+    if args.init is not None:  # evaluate.json reads <ckpt_dir>/model.pt
+        shipped = runs / "init"
+        shipped.mkdir(parents=True)
+        shutil.copy2(args.init, shipped / "model.pt")
+    start_name = "the bundle's shipped weights" if args.init is None else args.init.name
+    log(f"{args.bundle}: the starting weights on {args.subject}'s odd slices")
     before = evaluate(args.bundle, shipped, runs / "shipped", data, env)
-    log(f"shipped: {before}")
+    log(f"starting weights: {before}")
     settings = {"init_weights": expr_path(shipped / "model.pt"), "learning_rate": args.learning_rate,
                 "max_epochs": args.epochs, "max_train_seconds": args.seconds, "patches_per_slice": 16,
                 "val_interval": 10, "seed": 0}
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = json.loads((runs / "train" / "val_metrics.json").read_text())
     log("the fine-tuned weights on every held-out patient of the sample split (20 slices each)")
     everyone = evaluate_all(args.bundle, last, runs / "heldout", args.samples.resolve(), env)
-    log(f"fine-tuned on the same patient ({train_s / 60:.1f} min): {after}")
+    log(f"fine-tuned on {what} ({train_s / 60:.1f} min): {after}")
     result = {"created": dt.datetime.now().isoformat(timespec="seconds"),
               "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                     text=True).stdout.strip(),
@@ -174,11 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
               "finetuned_on_sample_test_split": everyone}
     md = (f"# {args.bundle} x2 on {args.subject}'s odd slices: shipped weights vs fine-tuned on {what}\n\n"
           f"| weights | slices | PSNR | matched baseline | gain |\n|---|---|---|---|---|\n"
-          f"| shipped | {before['slices']} | {before['sr_psnr']:.2f} | {before['baseline_psnr']:.2f} | "
+          f"| starting weights ({start_name}) | {before['slices']} | {before['sr_psnr']:.2f} | {before['baseline_psnr']:.2f} | "
           f"{before['gain_db']:+.2f} |\n"
-          f"| + fine-tuned on {what} ({train_s / 60:.1f} min, last epoch) | {after['slices']} | {after['sr_psnr']:.2f} | "
+          f"| + fine-tuned on {what} ({train_s / 60:.1f} min, last epoch) | {after['slices']} | "
+          f"{after['sr_psnr']:.2f} | "
           f"{after['baseline_psnr']:.2f} | {after['gain_db']:+.2f} |\n\n"
-          f"The fine-tuned weights on the validation patients (last epoch), gain over the matched baseline: "
+          f"The fine-tuned weights on the validation patients at the run's last validation (every "
+          f"{settings['val_interval']} epochs and at the start), gain over the matched baseline: "
           + ", ".join(f"{k[4:-17] or 'all'} {v:+.2f}" for k, v in result["validation_last_epoch"].items())
           + " dB (the first validation, before fine-tuning, is in the run's MLflow record); on the "
           f"sample split's held-out patients (20 slices each, gain over the matched baseline): "
