@@ -4,7 +4,9 @@ and bundle subprocesses with their output in a log file."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,3 +29,14 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
     if rc:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({rc}); see {log_path}")
     return time.monotonic() - t0
+
+
+def bundle_cmd(bundle: str, configs: list[str], overrides: dict) -> list[str]:
+    """``python -m monai.bundle run`` of ``bundles/<bundle>/configs/<configs...>`` with ``--key value`` overrides
+    (non-strings as JSON)."""
+    files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "[" + ",".join(f"'{f}'" for f in files) + "]", "--bundle_root", str(REPO / "bundles" / bundle)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return cmd

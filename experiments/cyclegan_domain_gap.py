@@ -50,16 +50,17 @@ def _parser():
     return parser
 
 
-def high_pass_std(x: torch.Tensor, mask: torch.Tensor, sigma: float) -> float:
-    """Std of ``x - G_sigma * x`` over ``mask`` (2D slice), with MONAI's ``GaussianFilter`` as the bundle uses."""
-    from monai.networks.layers import GaussianFilter
-
+def high_pass_std(x: torch.Tensor, mask: torch.Tensor, lowpass: torch.nn.Module) -> float:
+    """Std of ``x - lowpass(x)`` over ``mask`` (2D slice); ``lowpass``: MONAI's ``GaussianFilter``, as in the bundle."""
     x = x.reshape(1, 1, *x.shape[-2:]).float()
-    return float((x - GaussianFilter(2, sigma)(x))[0, 0][mask].std())
+    return float((x - lowpass(x))[0, 0][mask].std())
 
 
 def patient_stats(slices: list[dict], sigmas: tuple[float, ...], threshold: float, lowdose: bool) -> dict:
     """Mean over slices, per patient, of the high-pass stds (and of the dose noise) in HU."""
+    from monai.networks.layers import GaussianFilter
+
+    lowpass = {s: GaussianFilter(2, s) for s in sigmas}
     acc: dict[str, dict[str, list[float]]] = {}
     for d in slices:
         native = torch.as_tensor(np.asarray(d["label"]), dtype=torch.float32)
@@ -69,11 +70,11 @@ def patient_stats(slices: list[dict], sigmas: tuple[float, ...], threshold: floa
             continue
         row = acc.setdefault(d["subject"], {})
         for s in sigmas:
-            row.setdefault(f"native_s{s:g}", []).append(high_pass_std(native, mask, s))
+            row.setdefault(f"native_s{s:g}", []).append(high_pass_std(native, mask, lowpass[s]))
         if lowdose:
             low = torch.as_tensor(np.asarray(d["lowdose"]), dtype=torch.float32).reshape(native.shape)
             for s in sigmas:
-                row.setdefault(f"lowdose_s{s:g}", []).append(high_pass_std(low, mask, s))
+                row.setdefault(f"lowdose_s{s:g}", []).append(high_pass_std(low, mask, lowpass[s]))
             row.setdefault("dose_noise", []).append(float((low - native)[mask].std()))
     return {subj: {**{k: round(float(np.mean(v)) * HU_PER_UNIT, 1) for k, v in row.items()},
                    "slices": len(next(iter(row.values())))} for subj, row in acc.items()}

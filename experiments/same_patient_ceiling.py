@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import REPO, expr_path, log, run_logged  # experiments/ is on sys.path when run as a script
+# experiments/ is on sys.path when run as a script
+from bench_common import REPO, bundle_cmd, expr_path, log, run_logged
 
 
 def split_volume(samples: Path, subject: str, dest: Path, train_on: str = "self") -> Path:
@@ -91,45 +92,31 @@ def last_weights(checkpoints: Path, dest: Path) -> Path:
     return dest
 
 
-def bundle_cmd(bundle: str, configs: list[str], overrides: dict) -> list[str]:
-    files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "[" + ",".join(f"'{f}'" for f in files) + "]", "--bundle_root", str(REPO / "bundles" / bundle)]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    return cmd
-
-
-def evaluate(bundle: str, ckpt_dir: Path, out_dir: Path, data: Path, env: dict) -> dict:
-    """PSNR of the weights in ``ckpt_dir`` and of the matched baseline on the test split (every slice)."""
-    paths = {"dataset_dir": expr_path(data), "ckpt_dir": expr_path(ckpt_dir), "output_dir": expr_path(out_dir),
-             "allow_subject_overlap": True}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], paths), out_dir / "eval.log", env)
+def gains_by_subject(slices_csv: Path) -> dict[str, dict]:
+    """Per subject of an evaluation's ``slices.csv``: slice count, mean PSNR of the model and of the matched baseline,
+    and the gain."""
     import csv
 
-    rows = list(csv.DictReader(open(out_dir / "evaluation" / "slices.csv")))
-    by = {m: [float(r["psnr"]) for r in rows if r["method"] == m] for m in ("sr", "baseline")}
-    return {"slices": len(by["sr"]), "sr_psnr": round(float(np.mean(by["sr"])), 3),
-            "baseline_psnr": round(float(np.mean(by["baseline"])), 3),
-            "gain_db": round(float(np.mean(by["sr"]) - np.mean(by["baseline"])), 3)}
-
-
-def evaluate_all(bundle: str, ckpt_dir: Path, out_dir: Path, samples: Path, env: dict) -> dict:
-    """Gain over the matched baseline per held-out patient of the sample split, 20 slices each (as ``medsr demo``)."""
-    import csv
-
-    paths = {"dataset_dir": expr_path(samples), "ckpt_dir": expr_path(ckpt_dir), "output_dir": expr_path(out_dir),
-             "eval_slices_per_volume": 20}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], paths), out_dir / "eval.log", env)
-    rows = list(csv.DictReader(open(out_dir / "evaluation" / "slices.csv")))
-    gains = {}
+    with open(slices_csv) as f:
+        rows = list(csv.DictReader(f))
+    out = {}
     for subj in dict.fromkeys(r["subject"] for r in rows):
         by = {m: [float(r["psnr"]) for r in rows if r["subject"] == subj and r["method"] == m]
               for m in ("sr", "baseline")}
-        gains[subj] = round(float(np.mean(by["sr"]) - np.mean(by["baseline"])), 2)
-    return gains
+        out[subj] = {"slices": len(by["sr"]), "sr_psnr": round(float(np.mean(by["sr"])), 3),
+                     "baseline_psnr": round(float(np.mean(by["baseline"])), 3),
+                     "gain_db": round(float(np.mean(by["sr"]) - np.mean(by["baseline"])), 3)}
+    return out
+
+
+def evaluate(bundle: str, ckpt_dir: Path, out_dir: Path, data: Path, env: dict, **overrides) -> dict[str, dict]:
+    """``train.json + evaluate.json`` of the weights in ``ckpt_dir`` on the test split of ``data``; per subject
+    as :func:`gains_by_subject`."""
+    paths = {"dataset_dir": expr_path(data), "ckpt_dir": expr_path(ckpt_dir), "output_dir": expr_path(out_dir),
+             **overrides}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], paths), out_dir / "eval.log", env)
+    return gains_by_subject(out_dir / "evaluation" / "slices.csv")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copy2(args.init, shipped / "model.pt")
     start_name = "the bundle's shipped weights" if args.init is None else args.init.name
     log(f"{args.bundle}: the starting weights on {args.subject}'s odd slices")
-    before = evaluate(args.bundle, shipped, runs / "shipped", data, env)
+    (before,) = evaluate(args.bundle, shipped, runs / "shipped", data, env, allow_subject_overlap=True).values()
     log(f"starting weights: {before}")
     settings = {"init_weights": expr_path(shipped / "model.pt"), "learning_rate": args.learning_rate,
                 "max_epochs": args.epochs, "max_train_seconds": args.seconds, "patches_per_slice": 16,
@@ -173,10 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"fine-tuning on {what}: {settings}")
     train_s = run_logged(bundle_cmd(args.bundle, ["train.json"], {**settings, **paths}), runs / "train.log", env)
     last = last_weights(runs / "train" / "checkpoints", runs / "last")
-    after = evaluate(args.bundle, last, runs / "finetuned", data, env)
+    (after,) = evaluate(args.bundle, last, runs / "finetuned", data, env, allow_subject_overlap=True).values()
     val = json.loads((runs / "train" / "val_metrics.json").read_text())
     log("the fine-tuned weights on every held-out patient of the sample split (20 slices each)")
-    everyone = evaluate_all(args.bundle, last, runs / "heldout", args.samples.resolve(), env)
+    held_out = evaluate(args.bundle, last, runs / "heldout", args.samples.resolve(), env, eval_slices_per_volume=20)
+    everyone = {subj: round(g["gain_db"], 2) for subj, g in held_out.items()}
     log(f"fine-tuned on {what} ({train_s / 60:.1f} min): {after}")
     result = {"created": dt.datetime.now().isoformat(timespec="seconds"),
               "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -188,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
               "finetuned_on_sample_test_split": everyone}
     md = (f"# {args.bundle} x2 on {args.subject}'s odd slices: shipped weights vs fine-tuned on {what}\n\n"
           f"| weights | slices | PSNR | matched baseline | gain |\n|---|---|---|---|---|\n"
-          f"| starting weights ({start_name}) | {before['slices']} | {before['sr_psnr']:.2f} | {before['baseline_psnr']:.2f} | "
+          f"| starting weights ({start_name}) | {before['slices']} | {before['sr_psnr']:.2f} | "
+          f"{before['baseline_psnr']:.2f} | "
           f"{before['gain_db']:+.2f} |\n"
           f"| + fine-tuned on {what} ({train_s / 60:.1f} min, last epoch) | {after['slices']} | "
           f"{after['sr_psnr']:.2f} | "
